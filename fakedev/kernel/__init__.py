@@ -1,0 +1,21 @@
+"""The kernel model: VFIO and iommufd as Linux implements them. Sans-I/O.
+
+Nothing here does I/O: no ``os``, no ``trio``, no syscalls. A call arrives as
+(``File`` method, ``Task``) and returns a value or raises ``KernelError``.
+The file split mirrors the kernel's (``vfio/vfio_main.py`` ~
+``drivers/vfio/vfio_main.c``, ``iommufd/ioas.py`` ~
+``drivers/iommu/iommufd/ioas.c``); each model function names the kernel
+function it stands for in its docstring.
+
+The facade is ``fakedev.kernel.kernel.Kernel``:
+
+    k = Kernel(topology, version=KernelVersion.parse("6.6"))
+    k.nodes()                    # DevNodes to serve under /dev
+    f = k.open("vfio/devices/vfio0", task)   # -> File, or KernelError
+    f.ioctl(task, cmd, arg); f.read(task, off, n); f.write(task, off, data)
+    f.release()                  # after the last close
+    k.vfio_devices()             # VfioPciDevice per vfio-pci function (vfioN, BDF, group)
+    k.reset_log                  # every reset the model performed
+    k.check_invariants()         # [] when the state is consistent
+    k.describe()                 # plain-data snapshot for `fakedev show`
+"""

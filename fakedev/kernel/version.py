@@ -1,0 +1,73 @@
+"""Which kernel's behaviour the model follows, where behaviour changed.
+
+A device tree names a version ("6.6", "6.12"); each behaviour switch is a
+property here, so model code reads ``kver.hot_reset_info_local_buffer`` rather
+than comparing numbers, and the table of what changed when is in one place.
+"""
+
+from __future__ import annotations
+
+import re
+
+from attrs import frozen
+
+
+@frozen(order=True)
+class KernelVersion:
+    major: int
+    minor: int
+
+    @classmethod
+    def parse(cls, text: str) -> KernelVersion:
+        m = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)?", text.strip())
+        if not m:
+            raise ValueError(f"not a kernel version: {text!r} (expected e.g. '6.6' or '6.12')")
+        v = cls(int(m.group(1)), int(m.group(2)))
+        if v < MINIMUM:
+            raise ValueError(f"kernel version {text} is older than {MINIMUM} (the first with the vfio cdev)")
+        return v
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    def at_least(self, major: int, minor: int) -> bool:
+        return (self.major, self.minor) >= (major, minor)
+
+    # -- behaviour switches ---------------------------------------------
+    @property
+    def hot_reset_info_local_buffer(self) -> bool:
+        """6.10+: INFO counts first, ENOSPC with flags 0, entries from a kernel buffer.
+
+        Before (6.6.0-6.9): entries copied inside the bus walk, ENOSPC with the
+        computed flags and the entries that fit written (SPEC 4.6 B/C).
+        """
+        return self.at_least(6, 10)
+
+    @property
+    def hot_reset_array_count_u32(self) -> bool:
+        """6.12+: HOT_RESET's array count is u32 (> INT_MAX gives EINVAL, not ENOMEM)."""
+        return self.at_least(6, 12)
+
+    @property
+    def has_dirty_tracking(self) -> bool:
+        """6.7+: HWPT_ALLOC data/flags, hw_info out_capabilities, dirty ioctls."""
+        return self.at_least(6, 7)
+
+    @property
+    def has_bind_token(self) -> bool:
+        """VFIO_DEVICE_BIND_FLAG_TOKEN and PASID attach/detach flags."""
+        return self.at_least(6, 16)
+
+    @property
+    def has_map_file(self) -> bool:
+        """IOMMU_IOAS_MAP_FILE."""
+        return self.at_least(6, 13)
+
+    @property
+    def has_change_process(self) -> bool:
+        """IOMMU_IOAS_CHANGE_PROCESS."""
+        return self.at_least(6, 13)
+
+
+MINIMUM = KernelVersion(6, 6)
+NEWEST = KernelVersion(6, 18)

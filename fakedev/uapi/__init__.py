@@ -1,0 +1,1 @@
+"""ABI facts of the VFIO and iommufd uAPI: numbers, layouts, flags. No behaviour."""
