@@ -77,11 +77,11 @@ VFIO_PCI_NUM_IRQS: Final = 5
 VFIO_PCI_OFFSET_SHIFT: Final = 40
 
 
-def VFIO_PCI_INDEX_TO_OFFSET(index: int) -> int:  # noqa: N802 - the kernel's name
+def VFIO_PCI_INDEX_TO_OFFSET(index: int) -> int:
     return index << VFIO_PCI_OFFSET_SHIFT
 
 
-def VFIO_PCI_OFFSET_TO_INDEX(off: int) -> int:  # noqa: N802
+def VFIO_PCI_OFFSET_TO_INDEX(off: int) -> int:
     return off >> VFIO_PCI_OFFSET_SHIFT
 
 

@@ -24,15 +24,15 @@ VFIO_BASE: Final = 100
 IOMMUFD_CMD_BASE: Final = 0x80
 
 
-def _IO(type_: int, nr: int) -> int:  # noqa: N802 - the kernel's name
+def _IO(type_: int, nr: int) -> int:
     return (type_ << 8) | nr
 
 
-def _IOC_NR(cmd: int) -> int:  # noqa: N802
+def _IOC_NR(cmd: int) -> int:
     return cmd & 0xFF
 
 
-def _IOC_TYPE(cmd: int) -> int:  # noqa: N802
+def _IOC_TYPE(cmd: int) -> int:
     return (cmd >> 8) & 0xFF
 
 

@@ -46,9 +46,9 @@ class Layout:
         off = 0
         for spec in fields:
             if len(spec) == 3:
-                fname, fmt, off = spec  # type: ignore[misc]
+                fname, fmt, off = spec
             else:
-                fname, fmt = spec  # type: ignore[misc]
+                fname, fmt = spec
                 w = _WIDTH[fmt]
                 off = (off + w - 1) // w * w
             f = Field(fname, off, fmt)
