@@ -61,6 +61,8 @@ class Ioctl:
     arg: Arg
     layout: Layout | None = None
     since: tuple[int, int] = (3, 6)  # first kernel version that has it
+    #: the call may look up fds of the caller (task.fget): the FUSE glue runs it off the loop
+    takes_fds: bool = False
 
     @property
     def nr(self) -> int:
@@ -79,8 +81,8 @@ def _i(nr: int) -> int:
 
 
 def _mk(name: str, cmd: int, kinds: set[FileKind], arg: Arg, layout: Layout | None = None,
-        since: tuple[int, int] = (3, 6)) -> Ioctl:
-    return Ioctl(name, cmd, frozenset(kinds), arg, layout, since)
+        since: tuple[int, int] = (3, 6), takes_fds: bool = False) -> Ioctl:
+    return Ioctl(name, cmd, frozenset(kinds), arg, layout, since, takes_fds)
 
 
 # Container calls are also answered by /dev/iommu (the VFIO compat layer).
@@ -89,17 +91,17 @@ IOCTLS: Final[tuple[Ioctl, ...]] = (
     _mk("VFIO_CHECK_EXTENSION", _v(1), {_C, _I}, Arg.INT),
     _mk("VFIO_SET_IOMMU", _v(2), {_C, _I}, Arg.INT),
     _mk("VFIO_GROUP_GET_STATUS", _v(3), {_G}, Arg.STRUCT, S.VFIO_GROUP_STATUS),
-    _mk("VFIO_GROUP_SET_CONTAINER", _v(4), {_G}, Arg.PTR_INT),
+    _mk("VFIO_GROUP_SET_CONTAINER", _v(4), {_G}, Arg.PTR_INT, takes_fds=True),
     _mk("VFIO_GROUP_UNSET_CONTAINER", _v(5), {_G}, Arg.NONE),
     _mk("VFIO_GROUP_GET_DEVICE_FD", _v(6), {_G}, Arg.STRING),
     _mk("VFIO_DEVICE_GET_INFO", _v(7), {_D}, Arg.STRUCT, S.VFIO_DEVICE_INFO),
     _mk("VFIO_DEVICE_GET_REGION_INFO", _v(8), {_D}, Arg.STRUCT, S.VFIO_REGION_INFO),
     _mk("VFIO_DEVICE_GET_IRQ_INFO", _v(9), {_D}, Arg.STRUCT, S.VFIO_IRQ_INFO),
-    _mk("VFIO_DEVICE_SET_IRQS", _v(10), {_D}, Arg.STRUCT, S.VFIO_IRQ_SET),
+    _mk("VFIO_DEVICE_SET_IRQS", _v(10), {_D}, Arg.STRUCT, S.VFIO_IRQ_SET, takes_fds=True),
     _mk("VFIO_DEVICE_RESET", _v(11), {_D}, Arg.NONE),
     _mk("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", _v(12), {_D}, Arg.STRUCT, S.VFIO_PCI_HOT_RESET_INFO, (3, 12)),
     _mk("VFIO_IOMMU_GET_INFO", _v(12), {_C, _I}, Arg.STRUCT, S.VFIO_IOMMU_TYPE1_INFO),
-    _mk("VFIO_DEVICE_PCI_HOT_RESET", _v(13), {_D}, Arg.STRUCT, S.VFIO_PCI_HOT_RESET, (3, 12)),
+    _mk("VFIO_DEVICE_PCI_HOT_RESET", _v(13), {_D}, Arg.STRUCT, S.VFIO_PCI_HOT_RESET, (3, 12), takes_fds=True),
     _mk("VFIO_IOMMU_MAP_DMA", _v(13), {_C, _I}, Arg.STRUCT, S.VFIO_IOMMU_TYPE1_DMA_MAP),
     _mk("VFIO_DEVICE_QUERY_GFX_PLANE", _v(14), {_D}, Arg.STRUCT),
     _mk("VFIO_IOMMU_UNMAP_DMA", _v(14), {_C, _I}, Arg.STRUCT, S.VFIO_IOMMU_TYPE1_DMA_UNMAP),
@@ -109,7 +111,7 @@ IOCTLS: Final[tuple[Ioctl, ...]] = (
     _mk("VFIO_IOMMU_DISABLE", _v(16), {_C, _I}, Arg.NONE),
     _mk("VFIO_DEVICE_FEATURE", _v(17), {_D}, Arg.STRUCT, S.VFIO_DEVICE_FEATURE, (5, 7)),
     _mk("VFIO_IOMMU_DIRTY_PAGES", _v(17), {_C, _I}, Arg.STRUCT),
-    _mk("VFIO_DEVICE_BIND_IOMMUFD", _v(18), {_D}, Arg.STRUCT, S.VFIO_DEVICE_BIND_IOMMUFD, (6, 6)),
+    _mk("VFIO_DEVICE_BIND_IOMMUFD", _v(18), {_D}, Arg.STRUCT, S.VFIO_DEVICE_BIND_IOMMUFD, (6, 6), takes_fds=True),
     _mk("VFIO_DEVICE_ATTACH_IOMMUFD_PT", _v(19), {_D}, Arg.STRUCT, S.VFIO_DEVICE_ATTACH_IOMMUFD_PT, (6, 6)),
     _mk("VFIO_DEVICE_DETACH_IOMMUFD_PT", _v(20), {_D}, Arg.STRUCT, S.VFIO_DEVICE_DETACH_IOMMUFD_PT, (6, 6)),
     _mk("VFIO_MIG_GET_PRECOPY_INFO", _v(21), {_D}, Arg.STRUCT, None, (6, 4)),
@@ -127,7 +129,7 @@ IOCTLS: Final[tuple[Ioctl, ...]] = (
     _mk("IOMMU_HWPT_SET_DIRTY_TRACKING", _i(0x0B), {_I}, Arg.STRUCT, None, (6, 7)),
     _mk("IOMMU_HWPT_GET_DIRTY_BITMAP", _i(0x0C), {_I}, Arg.STRUCT, None, (6, 7)),
     _mk("IOMMU_HWPT_INVALIDATE", _i(0x0D), {_I}, Arg.STRUCT, None, (6, 8)),
-    _mk("IOMMU_IOAS_MAP_FILE", _i(0x0F), {_I}, Arg.STRUCT, S.IOMMU_IOAS_MAP_FILE, (6, 14)),
+    _mk("IOMMU_IOAS_MAP_FILE", _i(0x0F), {_I}, Arg.STRUCT, S.IOMMU_IOAS_MAP_FILE, (6, 14), takes_fds=True),
     _mk("IOMMU_IOAS_CHANGE_PROCESS", _i(0x12), {_I}, Arg.STRUCT, S.IOMMU_IOAS_CHANGE_PROCESS, (6, 14)),
 )
 
