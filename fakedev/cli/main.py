@@ -1,0 +1,295 @@
+"""The ``fakedev`` command: ``run``, ``mount``, ``show``, ``trace-decode``.
+
+What lives here: argument parsing, the order of start-up (the private
+namespace is entered before trio starts, because ``unshare(CLONE_NEWNS)``
+refuses a multi-threaded process), and the one trio nursery that owns the FUSE
+server and the child process of ``fakedev run``. What must not: kernel
+behaviour, FUSE protocol or mount details (those live in fakedev.kernel,
+fakedev.fuse and fakedev.host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "fakedev"
+
+# Environment handed to the program run by ``fakedev run``.
+ENV_MOUNT = "FAKEDEV_MOUNT"  # where the FUSE mount is, inside the namespace
+ENV_PID = "FAKEDEV_PID"  # pid of the serving fakedev process
+STATE_FILE = ".fakedev/state.json"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as ``fakedev: <message>``, exit 1."""
+
+
+def _fail(message: str, status: int = 1) -> NoReturn:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve a model of Linux VFIO and iommufd at the real /dev and /sys paths.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a program with the fake devices at /dev/vfio, /dev/iommu and /sys",
+        description="Run CMD in a private mount namespace in which the device tree's "
+        "nodes appear at /dev/vfio/..., /dev/iommu and its sysfs under /sys. "
+        "The host's /dev, /sys and mount table do not change. Exit status is CMD's.",
+    )
+    run.add_argument("--tree", type=Path, help="device tree file (default: the bundled default)")
+    run.add_argument("--trace", type=Path, help="record every call to FILE")
+    run.add_argument(
+        "--trace-text", action="store_true", help="print the decoded call trace to stderr"
+    )
+    run.add_argument(
+        "--rootless",
+        action="store_true",
+        default=None,
+        help="use a user namespace even when root (default: only when not root)",
+    )
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+    mnt = sub.add_parser("mount", help="serve the device nodes at DIR in the foreground")
+    mnt.add_argument("--tree", type=Path, help="device tree file")
+    mnt.add_argument("--trace", type=Path, help="record every call to FILE")
+    mnt.add_argument("--trace-text", action="store_true", help="print the decoded trace")
+    mnt.add_argument("dir", type=Path)
+
+    show = sub.add_parser("show", help="show a device tree, or the state of a running fakedev")
+    show.add_argument("--tree", type=Path, help="device tree file")
+    show.add_argument(
+        "--pid", type=int, help="a process inside a `fakedev run` (or the server itself)"
+    )
+    show.add_argument("--mount", type=Path, help="a directory served by `fakedev mount`")
+    show.add_argument("--json", action="store_true", help="print the raw state as JSON")
+
+    dec = sub.add_parser("trace-decode", help="print a recorded trace as text")
+    dec.add_argument("file", type=Path)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "mount":
+            return cmd_mount(args)
+        if args.command == "show":
+            return cmd_show(args)
+        if args.command == "trace-decode":
+            return cmd_trace_decode(args)
+    except CliError as exc:
+        _fail(str(exc))
+    raise AssertionError(args.command)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def load_kernel(tree_path: Path | None) -> tuple[Any, Any]:
+    """(tree, kernel) for ``tree_path`` or the default tree."""
+    from fakedev.tree import default_tree_path, load_tree
+
+    path = tree_path if tree_path is not None else default_tree_path()
+    try:
+        tree = load_tree(path)
+    except FileNotFoundError as exc:
+        raise CliError(f"no such tree file: {path}") from exc
+    except (ValueError, KeyError) as exc:
+        raise CliError(f"{path}: {exc}") from exc
+    return tree, tree.make_kernel()
+
+
+def make_server(kernel: Any, trace: Path | None, trace_text: bool) -> Any:
+    from fakedev.host.server import Server
+
+    kwargs: dict[str, Any] = {}
+    if trace is not None:
+        kwargs["trace_path"] = trace
+    if trace_text:
+        kwargs["trace_text"] = sys.stderr
+    if not kwargs:
+        return Server(kernel)
+    try:
+        return Server(kernel, **kwargs)
+    except TypeError:
+        # A server without tracing options: serve untraced rather than not at all.
+        print(f"{PROG}: this server does not support tracing options", file=sys.stderr)
+        return Server(kernel)
+
+
+def exit_status(returncode: int) -> int:
+    """A shell-style status: 128+N for a child killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# ------------------------------------------------------------------ run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise CliError("run: missing command (usage: fakedev run [options] -- CMD ARGS...)")
+    rootless = args.rootless if args.rootless else os.geteuid() != 0
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        mode = ""
+        try:
+            mode = f" (mode {os.stat('/dev/fuse').st_mode & 0o777:04o})"
+        except OSError:
+            pass
+        raise CliError(
+            f"/dev/fuse is not usable by uid {os.getuid()}{mode}; as root run "
+            "`chmod 0666 /dev/fuse` (its usual mode) or load the fuse module"
+        )
+
+    from fakedev.host import namespace
+
+    # Before anything can start a thread (trio, imports with thread pools).
+    try:
+        ns = namespace.enter_private_namespace(rootless=rootless)
+    except namespace.NamespaceError as exc:
+        raise CliError(str(exc)) from exc
+
+    import trio
+
+    from fakedev.cli.session import RunSession
+
+    tree, kernel = load_kernel(args.tree)
+    server = make_server(kernel, args.trace, args.trace_text)
+    session = RunSession(
+        tree=tree,
+        kernel=kernel,
+        server=server,
+        cmd=cmd,
+        rootless=ns.rootless,
+        staging_root=Path(tempfile.mkdtemp(prefix="fakedev-")),
+    )
+    return trio.run(session.run)
+
+
+# ------------------------------------------------------------------ mount
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    import trio
+
+    _tree, kernel = load_kernel(args.tree)
+    server = make_server(kernel, args.trace, args.trace_text)
+    if not args.dir.is_dir():
+        raise CliError(f"mount: {args.dir} is not a directory")
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, args.dir)
+            print(f"{PROG}: serving at {args.dir} (Ctrl-C to stop)", file=sys.stderr)
+
+    try:
+        trio.run(serve)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ------------------------------------------------------------------ show
+
+
+def state_path_for_pid(pid: int) -> Path:
+    """The state file of the fakedev serving the process ``pid``, reached
+    through ``/proc/<pid>/root`` (so it works from outside the namespace)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError as exc:
+        raise CliError(f"show: cannot read the environment of pid {pid}: {exc.strerror}") from exc
+    mount = None
+    for item in environ:
+        if item.startswith(ENV_MOUNT.encode() + b"="):
+            mount = item.split(b"=", 1)[1].decode()
+    if mount is None:
+        # The server itself: find its staging mount in its mountinfo.
+        from fakedev.host.namespace import read_mountinfo
+
+        for e in read_mountinfo(f"/proc/{pid}/mountinfo"):
+            if e.fstype.startswith("fuse") and e.mountpoint.endswith("/fuse"):
+                mount = e.mountpoint
+                break
+    if mount is None:
+        raise CliError(f"show: pid {pid} is not inside a `fakedev run`")
+    return Path(f"/proc/{pid}/root") / mount.lstrip("/") / STATE_FILE
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    state: dict[str, Any] | None = None
+    source = None
+    if args.pid is not None:
+        path = state_path_for_pid(args.pid)
+    elif args.mount is not None:
+        path = args.mount / STATE_FILE
+    elif args.tree is None and os.environ.get(ENV_MOUNT):
+        path = Path(os.environ[ENV_MOUNT]) / STATE_FILE
+    else:
+        path = None
+    if path is not None:
+        try:
+            state = json.loads(path.read_text())
+        except OSError as exc:
+            raise CliError(f"show: cannot read {path}: {exc.strerror}") from exc
+        source = str(path)
+        if args.json:
+            print(json.dumps(state, indent=2, sort_keys=True))
+            return 0
+        from fakedev.cli.render import render_state
+
+        print(render_state(state, source=source))
+        return 0
+    _tree, kernel = load_kernel(args.tree)
+    if args.json:
+        print(json.dumps(kernel.describe(), indent=2, sort_keys=True, default=str))
+        return 0
+    from fakedev.cli.render import render_kernel
+
+    print(render_kernel(kernel))
+    return 0
+
+
+# ------------------------------------------------------------------ trace-decode
+
+
+def cmd_trace_decode(args: argparse.Namespace) -> int:
+    try:
+        from fakedev.host import trace
+    except ImportError as exc:
+        raise CliError("trace-decode: trace support is not available") from exc
+    decode = getattr(trace, "decode_file", None)
+    if decode is None:
+        raise CliError("trace-decode: trace support is not available")
+    try:
+        for line in decode(args.file):
+            print(line)
+    except OSError as exc:
+        raise CliError(f"trace-decode: {args.file}: {exc.strerror}") from exc
+    except BrokenPipeError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Text rendering for ``fakedev show``: the PCI tree with iommu groups,
+drivers, dev_sets and vfioN, and a running server's state (who holds what).
+
+Reads only: a Kernel (topology + ``vfio_devices()``) or the plain-data
+``describe()`` snapshot a server publishes in ``.fakedev/state.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from fakedev.kernel.pci import PciBus, PciDev
+
+
+def _dev_line(dev: PciDev, vfio_index: Mapping[str, int]) -> str:
+    parts = [dev.name, f"[{dev.vendor:04x}:{dev.device:04x}]", f"class {dev.class_code:06x}"]
+    group = "none" if dev.iommu_group is None else str(dev.iommu_group)
+    parts.append(f"group {group}")
+    parts.append(f"driver {dev.driver or '-'}")
+    if dev.name in vfio_index:
+        parts.append(f"vfio{vfio_index[dev.name]}")
+    return " ".join(parts)
+
+
+def _bus_lines(bus: PciBus, vfio_index: Mapping[str, int], indent: str) -> Iterator[str]:
+    reset = "bus reset" if bus.probe_reset_bus() else "no bus reset"
+    yield f"{indent}bus {bus.domain:04x}:{bus.number:02x} ({reset})"
+    for dev in bus.devices:
+        yield f"{indent}  {_dev_line(dev, vfio_index)}"
+        if dev.subordinate is not None:
+            yield from _bus_lines(dev.subordinate, vfio_index, indent + "    ")
+
+
+def render_kernel(kernel: Any) -> str:
+    """The topology of ``kernel`` as an indented tree."""
+    vfio_index = {v.pdev.name: v.index for v in kernel.vfio_devices()}
+    topology = kernel.topology
+    lines: list[str] = []
+    for root in topology.root_buses:
+        lines.extend(_bus_lines(root, vfio_index, ""))
+    groups: dict[int, list[str]] = {}
+    for dev in topology.devices():
+        if dev.iommu_group is not None:
+            groups.setdefault(dev.iommu_group, []).append(dev.name)
+    lines.append("iommu groups:")
+    for gid in sorted(groups):
+        lines.append(f"  {gid}: {' '.join(groups[gid])}")
+    lines.append("vfio devices:")
+    for vdev in sorted(kernel.vfio_devices(), key=lambda v: v.index):
+        lines.append(f"  vfio{vdev.index}: {vdev.pdev.name} (/dev/vfio/devices/vfio{vdev.index})")
+    try:
+        state = kernel.describe()
+    except Exception:  # a partial model still shows its topology
+        state = None
+    if isinstance(state, Mapping) and "dev_sets" in state:
+        lines.append("dev_sets:")
+        lines.extend("  " + line for line in _plain(state["dev_sets"]))
+    return "\n".join(lines)
+
+
+def _plain(value: Any, indent: str = "") -> Iterator[str]:
+    """Plain data as indented ``key: value`` lines."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(item, Mapping | list) and item:
+                yield f"{indent}{key}:"
+                yield from _plain(item, indent + "  ")
+            else:
+                yield f"{indent}{key}: {_scalar(item)}"
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, Mapping | list) and item:
+                sub = list(_plain(item, indent + "  "))
+                yield f"{indent}- {sub[0].strip()}"
+                yield from sub[1:]
+            else:
+                yield f"{indent}- {_scalar(item)}"
+    else:
+        yield f"{indent}{_scalar(value)}"
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, Mapping | list):
+        return "[]" if isinstance(value, list) else "{}"
+    return str(value)
+
+
+def render_state(state: Mapping[str, Any], *, source: str | None = None) -> str:
+    """A server's ``describe()`` snapshot as indented text."""
+    lines = [f"state from {source}"] if source else []
+    lines.extend(_plain(state))
+    return "\n".join(lines)

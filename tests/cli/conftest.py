@@ -1,0 +1,71 @@
+"""Helpers for running ``fakedev`` pieces in their own processes (namespaces
+are per process) and as an unprivileged user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UNPRIVILEGED_USER = "fakedevtest"
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *sys.path[1:]])
+    return env
+
+
+def unprivileged_python(user: str) -> str | None:
+    """An interpreter ``user`` may execute, of this interpreter's version."""
+    candidates = [sys.executable, f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"]
+    for exe in candidates:
+        ok = subprocess.run(
+            ["runuser", "-u", user, "--", exe, "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+        )
+        if ok.returncode == 0 and ok.stdout.strip() == str(tuple(sys.version_info[:2])):
+            return exe
+    return None
+
+
+@pytest.fixture(scope="session")
+def unprivileged_user() -> str:
+    """A plain user account (created if missing); needs root and runuser."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a test user needs root")  # the suite runs as root in CI
+    if shutil.which("runuser") is None:
+        pytest.fail("runuser (util-linux) is missing")
+    try:
+        pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", UNPRIVILEGED_USER], check=True)
+    return UNPRIVILEGED_USER
+
+
+@pytest.fixture(scope="session")
+def userns_allowed() -> None:
+    from fakedev.host.namespace import userns_restriction
+
+    reason = userns_restriction()
+    if reason is not None:
+        pytest.skip(f"the kernel forbids what rootless mode needs: {reason}")
+
+
+@pytest.fixture
+def dev_fuse_usable_by_all():  # type: ignore[no-untyped-def]
+    """/dev/fuse with its usual 0666 mode for the duration of a test."""
+    st = os.stat("/dev/fuse")
+    mode = st.st_mode & 0o7777
+    if mode & 0o006 != 0o006:
+        os.chmod("/dev/fuse", 0o666)
+    yield
+    if mode & 0o006 != 0o006:
+        os.chmod("/dev/fuse", mode)
