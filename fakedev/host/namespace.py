@@ -238,6 +238,7 @@ class Staging:
     root: Path
     mounted: bool = False
     shadows: list[Path] = field(default_factory=list)
+    created: set[Path] = field(default_factory=set)
 
     @property
     def fuse_dir(self) -> Path:
@@ -294,16 +295,22 @@ def shadow_directory(staging: Staging, target: Path) -> None:
     staging.shadows.append(target)
 
 
+def _ours(staging: Staging, directory: Path) -> bool:
+    """True if entries may be created in ``directory`` without touching a
+    real filesystem: it is a shadow tmpfs or a directory we made in one."""
+    return directory in staging.shadows or directory in staging.created
+
+
 def ensure_directory(staging: Staging, target: Path) -> None:
-    """Make ``target`` exist as a directory, shadowing parents where needed."""
+    """Make ``target`` exist as a directory, shadowing parents where needed.
+    Never creates anything on a real filesystem."""
     if target.is_dir():
         return
     ensure_directory(staging, target.parent)
-    try:
-        target.mkdir()
-    except OSError:
+    if not _ours(staging, target.parent):
         shadow_directory(staging, target.parent)
-        target.mkdir()
+    target.mkdir()
+    staging.created.add(target)
 
 
 def ensure_file(staging: Staging, target: Path) -> None:
@@ -311,11 +318,9 @@ def ensure_file(staging: Staging, target: Path) -> None:
     if target.exists():
         return
     ensure_directory(staging, target.parent)
-    try:
-        target.touch()
-    except OSError:
+    if not _ours(staging, target.parent):
         shadow_directory(staging, target.parent)
-        target.touch()
+    target.touch()
 
 
 def bind(source: Path, target: Path, *, recursive: bool = False) -> None:
