@@ -117,21 +117,17 @@ def load_kernel(tree_path: Path | None) -> tuple[Any, Any]:
 
 
 def make_server(kernel: Any, trace: Path | None, trace_text: bool) -> Any:
+    """A Server for ``kernel``; tracing to ``trace`` (JSON lines) and/or as
+    decoded text on stderr."""
     from fakedev.host.server import Server
+    from fakedev.host.trace import Tracer
 
-    kwargs: dict[str, Any] = {}
-    if trace is not None:
-        kwargs["trace_path"] = trace
-    if trace_text:
-        kwargs["trace_text"] = sys.stderr
-    if not kwargs:
-        return Server(kernel)
-    try:
-        return Server(kernel, **kwargs)
-    except TypeError:
-        # A server without tracing options: serve untraced rather than not at all.
-        print(f"{PROG}: this server does not support tracing options", file=sys.stderr)
-        return Server(kernel)
+    tracer = Tracer(
+        str(trace) if trace is not None else None,
+        "/proc/self/fd/2" if trace_text else None,
+        enabled=trace is not None or trace_text,
+    )
+    return Server(kernel, tracer=tracer)
 
 
 def exit_status(returncode: int) -> int:
@@ -170,10 +166,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from fakedev.cli.session import RunSession
+    from fakedev.cli.session import OwnedNodes, RunSession
 
     tree, kernel = load_kernel(args.tree)
-    server = make_server(kernel, args.trace, args.trace_text)
+    served = OwnedNodes(kernel, ns.uid, ns.gid) if ns.rootless else kernel
+    server = make_server(served, args.trace, args.trace_text)
     session = RunSession(
         tree=tree,
         kernel=kernel,

@@ -50,6 +50,23 @@ def generate_sysfs_into(root: Path, tree: Any, kernel: Any) -> None:
     generate_sysfs(root, topology, kernel.nodes(), vfio_index_of(kernel))
 
 
+class OwnedNodes:
+    """``kernel`` with every node owned by ``uid``/``gid``: in rootless mode
+    the caller stands where an administrator would have chowned the nodes to
+    the user (as libvirt does for the VFIO nodes it hands to QEMU)."""
+
+    def __init__(self, kernel: Any, uid: int, gid: int) -> None:
+        self._kernel = kernel
+        self._uid = uid
+        self._gid = gid
+
+    def nodes(self) -> list[Any]:
+        return [attrs.evolve(n, uid=self._uid, gid=self._gid) for n in self._kernel.nodes()]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kernel, name)
+
+
 @attrs.define
 class RunSession:
     tree: Any
