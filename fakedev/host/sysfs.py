@@ -1,0 +1,348 @@
+"""The generated sysfs: a directory tree that mirrors /sys for a PCI topology.
+
+What lives here: ``generate_sysfs`` writes ``<root>/sys/...`` with the paths,
+file formats and relative symlinks the kernel's sysfs shows for the tree's
+functions (pci-sysfs.c, iommu.c, the vfio classes), so that lspci (pointed at
+``<root>/sys/bus/pci``, or with the tree bind-mounted over /sys in a private
+mount namespace) and VMMs find devices the way they do on a real host.
+``vfio_index_for`` gives the vfioN numbering when no kernel model is at hand.
+
+What must not: no mounting (the namespace code bind-mounts ``<root>/sys/...``
+over the real paths), no kernel state: the files are a snapshot written once.
+Symlinks are relative and never point outside ``<root>/sys``, so the tree is
+correct both where it is written and bind-mounted at /sys.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from fakedev.kernel.file import DevNode
+from fakedev.kernel.pci import (
+    PCI_CAP_ID_EXP,
+    PCI_EXP_TYPE_RC_END,
+    BarKind,
+    PciDev,
+    PciTopology,
+)
+
+VFIO_PCI = "vfio-pci"
+
+# include/linux/ioport.h resource flags
+IORESOURCE_IO = 0x00000100
+IORESOURCE_MEM = 0x00000200
+IORESOURCE_PREFETCH = 0x00002000
+IORESOURCE_READONLY = 0x00004000
+IORESOURCE_SIZEALIGN = 0x00040000
+IORESOURCE_MEM_64 = 0x00100000
+
+#: lines in ``resource``: PCI_BRIDGE_RESOURCES (6 BARs, ROM, 6 IOV) for a type 0
+#: function, PCI_NUM_RESOURCES (plus 4 bridge windows) for a bridge
+RESOURCE_LINES_TYPE0 = 13
+RESOURCE_LINES_BRIDGE = 17
+
+_LINK_SPEEDS = {
+    1: "2.5 GT/s PCIe",
+    2: "5.0 GT/s PCIe",
+    3: "8.0 GT/s PCIe",
+    4: "16.0 GT/s PCIe",
+    5: "32.0 GT/s PCIe",
+}
+
+
+def vfio_index_for(topology: PciTopology) -> dict[str, int]:
+    """vfioN of each vfio-pci function: probe (topology walk) order, from 0."""
+    out: dict[str, int] = {}
+    for dev in topology.devices():
+        if dev.driver == VFIO_PCI:
+            out[dev.name] = len(out)
+    return out
+
+
+def device_path(dev: PciDev) -> str:
+    """``devices/pci0000:00/0000:00:1c.0/0000:01:00.0`` (relative to /sys)."""
+    parts = [dev.name]
+    bridge = dev.bus.self_bridge
+    bus = dev.bus
+    while bridge is not None:
+        parts.append(bridge.name)
+        bus = bridge.bus
+        bridge = bus.self_bridge
+    parts.append(f"pci{bus.domain:04x}:{bus.number:02x}")
+    parts.append("devices")
+    return "/".join(reversed(parts))
+
+
+def rel_link(from_dir: str, target: str) -> str:
+    """Relative symlink text for a link in ``from_dir`` (both relative to /sys)."""
+    depth = len(from_dir.split("/")) if from_dir else 0
+    return "../" * depth + target
+
+
+def resource_lines(dev: PciDev) -> list[str]:
+    """The ``resource`` file: "start end flags" per resource (resource_show())."""
+    rows: list[tuple[int, int, int]] = []
+    bars = {b.index: b for b in dev.bars}
+    nbars = 2 if dev.header_type == 1 else 6
+    for i in range(6):
+        b = bars.get(i)
+        if b is None or b.size == 0 or i >= nbars:
+            rows.append((0, 0, 0))
+            continue
+        if b.kind is BarKind.IO:
+            flags = IORESOURCE_IO | IORESOURCE_SIZEALIGN | 0x1
+        else:
+            flags = IORESOURCE_MEM | IORESOURCE_SIZEALIGN
+            if b.kind is BarKind.MEM64:
+                flags |= IORESOURCE_MEM_64 | 0x4
+            if b.prefetchable:
+                flags |= IORESOURCE_PREFETCH | 0x8
+        rows.append((b.address, b.address + b.size - 1, flags))
+    if dev.rom_size:
+        reg = 0x38 if dev.header_type == 1 else 0x30
+        addr = dev.cfg_read(reg, 4) & 0xFFFFF800
+        flags = IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_READONLY | IORESOURCE_SIZEALIGN
+        rows.append((addr, addr + dev.rom_size - 1, flags))
+    else:
+        rows.append((0, 0, 0))
+    rows.extend([(0, 0, 0)] * 6)  # SR-IOV BARs
+    if dev.header_type == 1:
+        rows.extend(_bridge_windows(dev))
+    return [f"0x{s:016x} 0x{e:016x} 0x{f:016x}" for s, e, f in rows]
+
+
+def _bridge_windows(dev: PciDev) -> list[tuple[int, int, int]]:
+    c = dev.cfg_read
+    out: list[tuple[int, int, int]] = []
+    io_base = ((c(0x1C, 1) & 0xF0) << 8) | (c(0x30, 2) << 16)
+    io_limit = ((c(0x1D, 1) & 0xF0) << 8) | (c(0x32, 2) << 16) | 0xFFF
+    out.append((io_base, io_limit, IORESOURCE_IO) if io_base <= io_limit else (0, 0, 0))
+    mem_base = (c(0x20, 2) & 0xFFF0) << 16
+    mem_limit = ((c(0x22, 2) & 0xFFF0) << 16) | 0xFFFFF
+    out.append((mem_base, mem_limit, IORESOURCE_MEM) if mem_base <= mem_limit else (0, 0, 0))
+    pbase = ((c(0x24, 2) & 0xFFF0) << 16) | (c(0x28, 4) << 32)
+    plimit = ((c(0x26, 2) & 0xFFF0) << 16) | (c(0x2C, 4) << 32) | 0xFFFFF
+    flags = IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64
+    out.append((pbase, plimit, flags) if pbase <= plimit else (0, 0, 0))
+    out.append((0, 0, 0))
+    return out
+
+
+def modalias(dev: PciDev) -> str:
+    """``pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X`` (pci_uevent / modalias_show)."""
+    sv, sd = _subsys(dev)
+    cc = dev.class_code
+    return (
+        f"pci:v{dev.vendor:08X}d{dev.device:08X}sv{sv:08X}sd{sd:08X}"
+        f"bc{cc >> 16:02X}sc{(cc >> 8) & 0xFF:02X}i{cc & 0xFF:02X}"
+    )
+
+
+def _subsys(dev: PciDev) -> tuple[int, int]:
+    if dev.header_type == 0:
+        return dev.cfg_read(0x2C, 2), dev.cfg_read(0x2E, 2)
+    return 0, 0
+
+
+def _node_by_path(nodes: Sequence[DevNode]) -> dict[str, DevNode]:
+    return {n.path: n for n in nodes}
+
+
+class _Writer:
+    def __init__(self, root: Path) -> None:
+        self.sys = root / "sys"
+
+    def dir(self, rel: str) -> Path:
+        p = self.sys / rel
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def file(self, rel: str, content: str | bytes, mode: int = 0o444) -> None:
+        p = self.sys / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        data = content.encode() if isinstance(content, str) else content
+        p.write_bytes(data)
+        os.chmod(p, mode)
+
+    def link(self, rel: str, target_rel_to_sys: str) -> None:
+        """Symlink at ``rel`` pointing (relatively) at ``target`` (both under /sys)."""
+        p = self.sys / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_symlink() or p.exists():
+            p.unlink()
+        os.symlink(rel_link(os.path.dirname(rel), target_rel_to_sys), p)
+
+
+def generate_sysfs(
+    root: Path,
+    topology: PciTopology,
+    nodes: Sequence[DevNode],
+    vfio_index: Mapping[str, int],
+) -> None:
+    """Write ``root/sys`` for ``topology`` (see module doc). ``root`` may exist."""
+    w = _Writer(Path(root))
+    by_path = _node_by_path(nodes)
+    for d in ("bus/pci/devices", "bus/pci/drivers", "bus/pci/slots", "kernel/iommu_groups",
+              "class/vfio", "class/vfio-dev", "class/misc", "devices/virtual"):  # fmt: skip
+        w.dir(d)
+    w.file("bus/pci/drivers_autoprobe", "1\n", 0o644)
+    groups: dict[int, list[PciDev]] = {}
+    drivers: set[str] = set()
+    for rb in topology.root_buses:
+        host = f"devices/pci{rb.domain:04x}:{rb.number:02x}"
+        w.dir(host)
+        w.file(f"{host}/uevent", "", 0o644)
+    for dev in topology.devices():
+        _write_function(w, dev, by_path, vfio_index)
+        if dev.iommu_group is not None:
+            groups.setdefault(dev.iommu_group, []).append(dev)
+        if dev.driver is not None:
+            drivers.add(dev.driver)
+    for name in sorted(drivers | {VFIO_PCI}):
+        ddir = f"bus/pci/drivers/{name}"
+        w.dir(ddir)
+        for f in ("bind", "unbind", "new_id", "remove_id"):
+            w.file(f"{ddir}/{f}", "", 0o200)
+        w.file(f"{ddir}/uevent", "", 0o200)
+    for dev in topology.devices():
+        if dev.driver is not None:
+            w.link(f"bus/pci/drivers/{dev.driver}/{dev.name}", device_path(dev))
+    for gid, members in sorted(groups.items()):
+        gdir = f"kernel/iommu_groups/{gid}"
+        w.dir(f"{gdir}/devices")
+        for dev in members:
+            w.link(f"{gdir}/devices/{dev.name}", device_path(dev))
+        w.file(f"{gdir}/reserved_regions", "0x00000000fee00000 0x00000000feefffff msi\n")
+        w.file(f"{gdir}/type", "DMA\n", 0o644)
+        node = by_path.get(f"vfio/{gid}")
+        if node is not None:
+            vdir = f"devices/virtual/vfio/{gid}"
+            w.file(f"{vdir}/dev", f"{node.major}:{node.minor}\n")
+            w.file(
+                f"{vdir}/uevent",
+                f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME=vfio/{gid}\n",
+                0o644,
+            )
+            w.link(f"{vdir}/subsystem", "class/vfio")
+            w.link(f"class/vfio/{gid}", vdir)
+    for path, name in (("vfio/vfio", "vfio"), ("iommu", "iommu")):
+        node = by_path.get(path)
+        if node is None:
+            continue
+        mdir = f"devices/virtual/misc/{name}"
+        w.file(f"{mdir}/dev", f"{node.major}:{node.minor}\n")
+        w.file(f"{mdir}/uevent", f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME={path}\n", 0o644)
+        w.link(f"{mdir}/subsystem", "class/misc")
+        w.link(f"class/misc/{name}", mdir)
+    _write_slots(w, topology)
+
+
+def _write_function(
+    w: _Writer, dev: PciDev, by_path: Mapping[str, DevNode], vfio_index: Mapping[str, int]
+) -> None:
+    d = device_path(dev)
+    w.dir(d)
+    sv, sd = _subsys(dev)
+    cc = dev.class_code
+    text = {
+        "vendor": f"0x{dev.vendor:04x}\n",
+        "device": f"0x{dev.device:04x}\n",
+        "subsystem_vendor": f"0x{sv:04x}\n",
+        "subsystem_device": f"0x{sd:04x}\n",
+        "class": f"0x{cc:06x}\n",
+        "revision": f"0x{dev.revision:02x}\n",
+        "irq": f"{dev.irq}\n",
+        "numa_node": "-1\n",
+        "local_cpus": "1\n",
+        "local_cpulist": "0\n",
+        "enable": "1\n" if dev.driver not in (None, VFIO_PCI) else "0\n",
+        "modalias": modalias(dev) + "\n",
+        "resource": "\n".join(resource_lines(dev)) + "\n",
+        "msi_bus": "1\n",
+        "broken_parity_status": "0\n",
+        "d3cold_allowed": "1\n",
+        "power_state": "D0\n",
+        "ari_enabled": "0\n",
+        "dma_mask_bits": "64\n",
+        "consistent_dma_mask_bits": "64\n",
+        "driver_override": "(null)\n",
+    }
+    for name, content in text.items():
+        mode = (
+            0o644
+            if name
+            in ("numa_node", "enable", "broken_parity_status", "d3cold_allowed", "driver_override")
+            else 0o444
+        )
+        w.file(f"{d}/{name}", content, mode)
+    uevent = ""
+    if dev.driver is not None:
+        uevent += f"DRIVER={dev.driver}\n"
+    uevent += (
+        f"PCI_CLASS={cc:X}\nPCI_ID={dev.vendor:04X}:{dev.device:04X}\n"
+        f"PCI_SUBSYS_ID={sv:04X}:{sd:04X}\nPCI_SLOT_NAME={dev.name}\nMODALIAS={modalias(dev)}\n"
+    )
+    w.file(f"{d}/uevent", uevent, 0o644)
+    w.file(f"{d}/config", bytes(dev.config), 0o644)
+    for name in ("remove", "rescan", "reset"):
+        if name == "reset" and not dev.reset_methods():
+            continue
+        w.file(f"{d}/{name}", "", 0o200)
+    methods = dev.reset_methods()
+    if methods:
+        w.file(f"{d}/reset_method", " ".join(m.value for m in methods) + "\n", 0o644)
+    w.dir(f"{d}/power")
+    w.file(f"{d}/power/control", "on\n", 0o644)
+    w.file(f"{d}/power/runtime_status", "active\n")
+    w.link(f"{d}/subsystem", "bus/pci")
+    w.link(f"bus/pci/devices/{dev.name}", d)
+    if dev.driver is not None:
+        w.link(f"{d}/driver", f"bus/pci/drivers/{dev.driver}")
+    if dev.iommu_group is not None:
+        w.link(f"{d}/iommu_group", f"kernel/iommu_groups/{dev.iommu_group}")
+    pos = dev.find_capability(PCI_CAP_ID_EXP)
+    if pos and dev.pcie_type != PCI_EXP_TYPE_RC_END:
+        lnkcap = dev.cfg_read(pos + 0x0C, 4)
+        lnksta = dev.cfg_read(pos + 0x12, 2)
+        w.file(f"{d}/max_link_speed", _LINK_SPEEDS.get(lnkcap & 0xF, "Unknown") + "\n")
+        w.file(f"{d}/max_link_width", f"{(lnkcap >> 4) & 0x3F}\n")
+        w.file(f"{d}/current_link_speed", _LINK_SPEEDS.get(lnksta & 0xF, "Unknown") + "\n")
+        w.file(f"{d}/current_link_width", f"{(lnksta >> 4) & 0x3F}\n")
+    if dev.subordinate is not None:
+        w.file(f"{d}/secondary_bus_number", f"{dev.subordinate.number}\n")
+        w.file(f"{d}/subordinate_bus_number", f"{dev.cfg_read(0x1A, 1)}\n")
+        pdir = f"{d}/pci_bus/{dev.domain:04x}:{dev.subordinate.number:02x}"
+        w.dir(pdir)
+        w.file(f"{pdir}/cpuaffinity", "1\n")
+    index = vfio_index.get(dev.name)
+    if index is not None and dev.driver == VFIO_PCI:
+        node = by_path.get(f"vfio/devices/vfio{index}")
+        vdir = f"{d}/vfio-dev/vfio{index}"
+        w.dir(vdir)
+        if node is not None:
+            w.file(f"{vdir}/dev", f"{node.major}:{node.minor}\n")
+            w.file(
+                f"{vdir}/uevent",
+                f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME=vfio/devices/vfio{index}\n",
+                0o644,
+            )
+        w.link(f"{vdir}/subsystem", "class/vfio-dev")
+        w.link(f"{vdir}/device", d)
+        w.dir(f"{vdir}/power")
+        w.link(f"class/vfio-dev/vfio{index}", vdir)
+
+
+def _write_slots(w: _Writer, topology: PciTopology) -> None:
+    """``/sys/bus/pci/slots/<psn>/address`` for each hot-plug slot (pciehp names)."""
+    for bus in topology.buses():
+        for slot in bus.slots:
+            bridge = bus.self_bridge
+            if bridge is None:
+                continue
+            pos = bridge.find_capability(PCI_CAP_ID_EXP)
+            psn = (bridge.cfg_read(pos + 0x14, 4) >> 19) if pos else slot.number
+            sdir = f"bus/pci/slots/{psn}"
+            w.file(f"{sdir}/address", f"{bus.domain:04x}:{bus.number:02x}:{slot.number:02x}\n")
+            w.file(f"{sdir}/power", "1\n", 0o644)
