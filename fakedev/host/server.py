@@ -1,0 +1,477 @@
+"""The FUSE server: the kernel model's nodes served to real processes.
+
+What lives here: ``Server(kernel)`` and its ``serve(mountpoint)``: mount, build
+the directory tree of the model's ``DevNode``s (regular files: a node reported
+as S_IFCHR would be opened through a real char driver), then answer
+OPEN/IOCTL/READ/WRITE/POLL/RELEASE by calling the model's ``File`` with a
+``ProcessTask`` for the calling thread. A small control area lives at
+``.fakedev/`` in the mount: ``state.json`` (read: ``kernel.describe()``) and
+``trace`` (write ``on``/``off``; read the current setting).
+
+Concurrency: the model is synchronous and not thread-safe. Every model call
+runs under one ``trio.Lock``. Calls that may look up the caller's fds
+(``Ioctl.takes_fds``) run in a worker thread while the lock is held, so the
+loop keeps reading /dev/fuse and can answer the identity ioctl those lookups
+issue on our own mount. Everything else runs inline on the loop when the lock
+is free (the fast path), or as its own task waiting for the lock when not.
+A ``KernelError`` becomes its errno; any other exception from the model
+becomes EIO and a logged traceback, and serving goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from fakedev.fuse import mount as M
+from fakedev.fuse import protocol as P
+from fakedev.fuse.session import Deferred, Session
+from fakedev.host.proc import IDENTITY_IOCTL, HostContext, NeedsWorker, ProcessTask
+from fakedev.host.trace import Tracer
+from fakedev.kernel.errors import KernelError
+from fakedev.kernel.file import DevNode, File
+from fakedev.kernel.task import Task
+from fakedev.uapi import ioctls
+
+log = logging.getLogger("fakedev.server")
+
+OPEN_FLAGS = P.FOPEN_DIRECT_IO | P.FOPEN_NOFLUSH
+CONTROL_DIR = ".fakedev"
+_FH_LIMIT = 1 << 31  # fh travels back as an ioctl result (int32)
+
+
+class KernelLike(Protocol):
+    def nodes(self) -> list[DevNode]: ...
+
+    def open(self, path: str, task: Task) -> File: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class _Node:
+    __slots__ = ("attr", "children", "control", "devpath", "gid", "ino", "mode", "name", "parent", "uid")
+
+    def __init__(self, ino: int, name: str, parent: int, mode: int, uid: int = 0, gid: int = 0,
+                 devpath: str | None = None, control: str | None = None, is_dir: bool = False) -> None:
+        self.ino = ino
+        self.name = name
+        self.parent = parent
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.devpath = devpath
+        self.control = control
+        self.children: dict[str, _Node] | None = {} if is_dir else None
+        self.attr = P.pack_attr(ino, mode, nlink=2 if is_dir else 1, uid=uid, gid=gid)
+
+
+class _Control:
+    __slots__ = ("data", "node")
+
+    def __init__(self, node: _Node, data: bytes) -> None:
+        self.node = node
+        self.data = data
+
+
+class Server:
+    """Serves ``kernel`` (the model facade, or anything with nodes/open/describe)."""
+
+    def __init__(self, kernel: KernelLike, *, name: str = "fakedev", tracer: Tracer | None = None,
+                 allow_other: bool = True) -> None:
+        self.kernel = kernel
+        self.name = name
+        self.allow_other = allow_other
+        self.tracer = tracer if tracer is not None else Tracer()
+        self.lock = trio.Lock()
+        self.ctx = HostContext(self._file_for_fh)
+        self.session: Session | None = None
+        self.mountpoint: str | None = None
+        self.connection: int | None = None
+        self.unexpected_errors = 0
+        self.releases = 0
+        self._files: dict[int, File] = {}
+        self._paths: dict[int, str] = {}
+        self._controls: dict[int, _Control] = {}
+        self._pollers: dict[int, tuple[int, int]] = {}
+        self._nodes: dict[int, _Node] = {}
+        self._next_fh = 1
+        self._takes_fds = frozenset((k, io.cmd) for io in ioctls.IOCTLS if io.takes_fds for k in io.kinds)
+        self._handlers: dict[int, Callable[[Any], bytes | Deferred | None]] = {
+            P.Op.LOOKUP: self._h_lookup,
+            P.Op.GETATTR: self._h_getattr,
+            P.Op.SETATTR: self._h_setattr,
+            P.Op.STATX: lambda r: P.reply_error(r.unique, errno.ENOSYS),
+            P.Op.OPEN: self._h_open,
+            P.Op.OPENDIR: self._h_opendir,
+            P.Op.READDIR: self._h_readdir,
+            P.Op.RELEASEDIR: lambda r: P.reply_empty(r.unique),
+            P.Op.READ: self._h_read,
+            P.Op.WRITE: self._h_write,
+            P.Op.IOCTL: self._h_ioctl,
+            P.Op.POLL: self._h_poll,
+            P.Op.FLUSH: lambda r: P.reply_empty(r.unique),
+            P.Op.RELEASE: self._h_release,
+            P.Op.ACCESS: lambda r: P.reply_empty(r.unique),
+            P.Op.STATFS: lambda r: P.reply_statfs(r.unique, files=len(self._nodes)),
+            P.Op.DESTROY: lambda r: P.reply_empty(r.unique),
+            P.Op.FORGET: lambda r: None,
+            P.Op.BATCH_FORGET: lambda r: None,
+        }
+
+    # -- public ----------------------------------------------------------------
+    @property
+    def open_files(self) -> int:
+        """Opens of model nodes not yet released."""
+        return len(self._files)
+
+    async def serve(self, mountpoint: str, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Mount at ``mountpoint``, report started, serve until cancelled or ENODEV, unmount."""
+        mountpoint = M.resolve(mountpoint)
+        if M.clear_stale(mountpoint, self.name):
+            log.warning("cleared a stale fuse.%s mount at %s", self.name, mountpoint)
+        self._build_tree()
+        fd = M.open_dev_fuse()
+        mounted = False
+        try:
+            M.mount(mountpoint, fd, name=self.name, allow_other=self.allow_other)
+            mounted = True
+            self.mountpoint = mountpoint
+            info = M.mounts_at(mountpoint, f"fuse.{self.name}")[-1]
+            self.ctx.mount_dev = (info.major, info.minor)
+            self.connection = info.connection
+            self.session = Session(fd, self, on_stop=self._stop)
+            task_status.started(self)
+            await self.session.run()
+        finally:
+            if mounted:
+                self._stop()
+            os.close(fd)
+            self._release_all()
+            self.tracer.flush()
+
+    def _stop(self) -> None:
+        """Unmount and abort: callers blocked on us (our own workers too) get an error."""
+        if self.mountpoint is not None:
+            try:
+                M.umount(self.mountpoint, detach=True)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOENT):
+                    log.warning("umount %s: %s", self.mountpoint, e)
+            self.mountpoint = None
+        if self.connection is not None:
+            M.abort(self.connection)
+            self.connection = None
+
+    def _release_all(self) -> None:
+        files, self._files = self._files, {}
+        self._paths.clear()
+        self._pollers.clear()
+        for f in files.values():
+            try:
+                f.release()
+                self.releases += 1
+            except Exception:
+                log.exception("release of %r at shutdown", f)
+
+    # -- tree ------------------------------------------------------------------
+    def _build_tree(self) -> None:
+        nodes: dict[int, _Node] = {}
+        root = _Node(1, "", 1, P.S_IFDIR | 0o755, is_dir=True)
+        nodes[1] = root
+
+        def add(parent: _Node, name: str, **kw: Any) -> _Node:
+            assert parent.children is not None
+            if name in parent.children:
+                return parent.children[name]
+            n = _Node(len(nodes) + 1, name, parent.ino, **kw)
+            nodes[n.ino] = n
+            parent.children[name] = n
+            return n
+
+        def dirs(path: str) -> tuple[_Node, str]:
+            parts = path.strip("/").split("/")
+            d = root
+            for p in parts[:-1]:
+                d = add(d, p, mode=P.S_IFDIR | 0o755, is_dir=True)
+            return d, parts[-1]
+
+        for dn in self.kernel.nodes():
+            d, leaf = dirs(dn.path)
+            add(d, leaf, mode=P.S_IFREG | (dn.mode & 0o7777), uid=dn.uid, gid=dn.gid, devpath=dn.path)
+        d, _ = dirs(f"{CONTROL_DIR}/x")
+        add(d, "state.json", mode=P.S_IFREG | 0o444, control="state")
+        add(d, "trace", mode=P.S_IFREG | 0o644, control="trace")
+        self._nodes = nodes
+
+    def _file_for_fh(self, fh: int) -> File | None:
+        return self._files.get(fh)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        while fh in self._files or fh in self._controls:
+            fh = fh + 1 if fh + 1 < _FH_LIMIT else 1
+        self._next_fh = fh + 1 if fh + 1 < _FH_LIMIT else 1
+        return fh
+
+    # -- Handler protocol ----------------------------------------------------------
+    def init(self, req: P.InitRequest, agreed_flags: int) -> None:
+        log.debug("FUSE %d.%d, flags %#x", req.major, req.minor, agreed_flags)
+
+    def handle(self, req: P.Request) -> bytes | Deferred | None:
+        h = self._handlers.get(req.opcode)
+        if h is None:
+            return P.reply_error(req.unique, errno.ENOSYS)
+        return h(req)
+
+    # -- running model calls -----------------------------------------------------
+    def _guard(self, req: P.Request, fn: Callable[[ProcessTask], bytes], task: ProcessTask) -> bytes:
+        try:
+            return fn(task)
+        except KernelError as e:
+            return P.reply_error(req.unique, e.errno)
+        except NeedsWorker:
+            raise
+        except Exception:
+            self.unexpected_errors += 1
+            log.exception("model failed on %r", req)
+            return P.reply_error(req.unique, errno.EIO)
+
+    def _model(self, req: P.Request, fn: Callable[[ProcessTask], bytes], worker: bool = False) -> bytes | Deferred:
+        """Run ``fn`` with the lock held: inline if possible, else as a task (in a worker if asked)."""
+        if not worker and not self.lock.locked():
+            try:
+                return self._guard(req, fn, ProcessTask(req.pid, self.ctx, True))
+            except NeedsWorker:
+                worker = True
+
+        async def deferred() -> bytes:
+            return await self._model_locked(req, fn, worker)
+
+        return deferred
+
+    async def _model_locked(self, req: P.Request, fn: Callable[[ProcessTask], bytes], worker: bool) -> bytes:
+        async with self.lock:
+            if not worker:
+                try:
+                    return self._guard(req, fn, ProcessTask(req.pid, self.ctx, True))
+                except NeedsWorker:
+                    pass
+            task = ProcessTask(req.pid, self.ctx, False)
+            return await trio.to_thread.run_sync(self._guard, req, fn, task)
+
+    def _poke_pollers(self) -> None:
+        if not self._pollers or self.session is None:
+            return
+        for fh, (kh, events) in list(self._pollers.items()):
+            f = self._files.get(fh)
+            if f is None:
+                del self._pollers[fh]
+            elif f.poll() & events:
+                del self._pollers[fh]
+                self.session.notify_poll(kh)
+
+    # -- namespace -------------------------------------------------------------------
+    def _h_lookup(self, req: P.LookupRequest) -> bytes:
+        d = self._nodes.get(req.nodeid)
+        if d is None or d.children is None:
+            return P.reply_error(req.unique, errno.ENOTDIR)
+        n = d.children.get(req.name)
+        if n is None:
+            return P.reply_error(req.unique, errno.ENOENT)
+        return P.reply_entry(req.unique, n.ino, n.attr, entry_valid=60.0, attr_valid=60.0)
+
+    def _h_getattr(self, req: P.GetattrRequest) -> bytes:
+        n = self._nodes.get(req.nodeid)
+        if n is None:
+            return P.reply_error(req.unique, errno.ENOENT)
+        return P.reply_attr(req.unique, n.attr, attr_valid=60.0)
+
+    def _h_setattr(self, req: P.SetattrRequest) -> bytes:
+        n = self._nodes.get(req.nodeid)
+        if n is None:
+            return P.reply_error(req.unique, errno.ENOENT)
+        if n.control != "trace":  # only truncation of the trace switch (echo on > trace)
+            return P.reply_error(req.unique, errno.EPERM)
+        return P.reply_attr(req.unique, n.attr, attr_valid=60.0)
+
+    def _h_opendir(self, req: P.OpenRequest) -> bytes:
+        n = self._nodes.get(req.nodeid)
+        if n is None or n.children is None:
+            return P.reply_error(req.unique, errno.ENOTDIR)
+        return P.reply_open(req.unique, n.ino, 0)
+
+    def _h_readdir(self, req: P.ReadRequest) -> bytes:
+        n = self._nodes.get(req.nodeid)
+        if n is None or n.children is None:
+            return P.reply_error(req.unique, errno.ENOTDIR)
+        entries = [(".", n.ino, P.DT_DIR), ("..", n.parent, P.DT_DIR)]
+        entries += [(c.name, c.ino, P.DT_DIR if c.children is not None else P.DT_REG) for c in n.children.values()]
+        out = b""
+        for i in range(req.offset, len(entries)):
+            name, ino, dt = entries[i]
+            ent = P.pack_dirent(ino, i + 1, name, dt)
+            if len(out) + len(ent) > req.size:
+                break
+            out += ent
+        return P.reply_data(req.unique, out)
+
+    # -- files -------------------------------------------------------------------------
+    def _h_open(self, req: P.OpenRequest) -> bytes | Deferred:
+        n = self._nodes.get(req.nodeid)
+        if n is None:
+            return P.reply_error(req.unique, errno.ENOENT)
+        if n.children is not None:
+            return P.reply_error(req.unique, errno.EISDIR)
+        if n.control is not None:
+            return self._open_control(req, n)
+        devpath = n.devpath
+        assert devpath is not None
+
+        def fn(task: ProcessTask) -> bytes:
+            f = self.kernel.open(devpath, task)
+            fh = self._new_fh()
+            self._files[fh] = f
+            self._paths[fh] = devpath
+            return P.reply_open(req.unique, fh, OPEN_FLAGS)
+
+        return self._model(req, fn)
+
+    def _open_control(self, req: P.OpenRequest, n: _Node) -> bytes | Deferred:
+        if n.control == "state":
+            def fn(task: ProcessTask) -> bytes:
+                data = json.dumps(self.kernel.describe(), indent=1, sort_keys=True, default=str).encode() + b"\n"
+                fh = self._new_fh()
+                self._controls[fh] = _Control(n, data)
+                return P.reply_open(req.unique, fh, P.FOPEN_DIRECT_IO)
+
+            return self._model(req, fn)
+        fh = self._new_fh()
+        self._controls[fh] = _Control(n, b"")
+        return P.reply_open(req.unique, fh, P.FOPEN_DIRECT_IO)
+
+    def _h_release(self, req: P.ReleaseRequest) -> bytes | Deferred:
+        fh = req.fh
+        if self._controls.pop(fh, None) is not None or fh not in self._files:
+            return P.reply_empty(req.unique)
+
+        def fn(task: ProcessTask) -> bytes:
+            f = self._files.pop(fh)
+            self._paths.pop(fh, None)
+            self._pollers.pop(fh, None)
+            self.releases += 1
+            f.release()
+            self._poke_pollers()
+            return P.reply_empty(req.unique)
+
+        return self._model(req, fn)
+
+    def _h_read(self, req: P.ReadRequest) -> bytes | Deferred:
+        c = self._controls.get(req.fh)
+        if c is not None:
+            data = c.data if c.node.control == "state" else (b"on\n" if self.tracer.enabled else b"off\n")
+            return P.reply_data(req.unique, data[req.offset:req.offset + req.size])
+        f = self._files.get(req.fh)
+        if f is None:
+            return P.reply_error(req.unique, errno.EBADF)
+        offset, size = req.offset, req.size
+
+        def fn(task: ProcessTask) -> bytes:
+            if not self.tracer.enabled:
+                return P.reply_data(req.unique, f.read(task, offset, size)[:size])
+            try:
+                data = f.read(task, offset, size)[:size]
+            except KernelError as e:
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno)
+                raise
+            self.tracer.rw(task, f, "read", offset, size, len(data), None)
+            return P.reply_data(req.unique, data)
+
+        return self._model(req, fn)
+
+    def _h_write(self, req: P.WriteRequest) -> bytes | Deferred:
+        c = self._controls.get(req.fh)
+        if c is not None:
+            if c.node.control != "trace":
+                return P.reply_error(req.unique, errno.EBADF)
+            word = req.data.strip().decode(errors="replace")
+            if word not in ("on", "off"):
+                return P.reply_error(req.unique, errno.EINVAL)
+            self.tracer.set(word == "on")
+            return P.reply_write(req.unique, len(req.data))
+        f = self._files.get(req.fh)
+        if f is None:
+            return P.reply_error(req.unique, errno.EBADF)
+        offset, data = req.offset, req.data
+
+        def fn(task: ProcessTask) -> bytes:
+            try:
+                n = f.write(task, offset, data)
+            except KernelError as e:
+                if self.tracer.enabled:
+                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno)
+                raise
+            if self.tracer.enabled:
+                self.tracer.rw(task, f, "write", offset, len(data), n, None)
+            self._poke_pollers()
+            return P.reply_write(req.unique, n)
+
+        return self._model(req, fn)
+
+    def _h_poll(self, req: P.PollRequest) -> bytes | Deferred:
+        f = self._files.get(req.fh)
+        if f is None:
+            return P.reply_poll(req.unique, 0x1 | 0x4)
+        fh, kh, events = req.fh, req.kh, req.events or 0xFFFF
+        notify = req.poll_flags & P.FUSE_POLL_SCHEDULE_NOTIFY
+
+        def fn(task: ProcessTask) -> bytes:
+            rev = f.poll() & events
+            if not rev and notify:
+                self._pollers[fh] = (kh, events)
+            return P.reply_poll(req.unique, rev)
+
+        return self._model(req, fn)
+
+    def _h_ioctl(self, req: P.IoctlRequest) -> bytes | Deferred:
+        cmd = req.cmd
+        if cmd == IDENTITY_IOCTL:
+            return self._identity(req)
+        f = self._files.get(req.fh)
+        if f is None or req.flags & P.FUSE_IOCTL_DIR:
+            return P.reply_error(req.unique, errno.ENOTTY)
+        worker = (getattr(f, "kind", None), cmd) in self._takes_fds
+        arg = req.arg
+        unique = req.unique
+        tracer = self.tracer
+
+        def fn(task: ProcessTask) -> bytes:
+            if not tracer.enabled:
+                res = f.ioctl(task, cmd, arg)
+            else:
+                before = tracer.ioctl_before(task, f, cmd, arg)
+                try:
+                    res = f.ioctl(task, cmd, arg)
+                except KernelError as e:
+                    tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, None, e.errno)
+                    raise
+                tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, res, None)
+            if self._pollers:
+                self._poke_pollers()
+            return P.reply_ioctl(unique, res)
+
+        return self._model(req, fn, worker)
+
+    def _identity(self, req: P.IoctlRequest) -> bytes:
+        """Which open is this? Answered only to our own threads (fget's worker)."""
+        if req.fh not in self._files and req.fh not in self._controls:
+            return P.reply_error(req.unique, errno.ENOTTY)
+        if not os.path.exists(f"/proc/self/task/{req.pid}"):
+            return P.reply_error(req.unique, errno.ENOTTY)
+        return P.reply_ioctl(req.unique, req.fh)
+
