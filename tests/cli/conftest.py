@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `tests.` imports work from any directory
+    sys.path.insert(0, str(REPO))
 UNPRIVILEGED_USER = "fakedevtest"
 
 

@@ -1,0 +1,117 @@
+"""What a program sees under ``fakedev run``, and what the host does not:
+lspci reads the tree from the real /sys paths; the host's /dev, /sys and
+mount table are the same during and after a run; rootless mode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import unprivileged_python
+from tests.e2e.conftest import FIXTURES, fakedev_cmd, fakedev_env, fakedev_run
+
+pytestmark = pytest.mark.needs_root
+
+
+def host_view() -> tuple[str, list[str], list[str], list[str], bool]:
+    return (
+        Path("/proc/self/mountinfo").read_text(),
+        sorted(os.listdir("/dev")),
+        sorted(os.listdir("/sys/bus/pci/devices")),
+        sorted(os.listdir("/sys/kernel/iommu_groups")),
+        os.path.exists("/dev/vfio"),
+    )
+
+
+@pytest.fixture(scope="module")
+def lspci() -> str:
+    path = shutil.which("lspci")
+    if path is None:
+        pytest.fail("lspci is missing (scripts/setup installs pciutils)")
+    return path
+
+
+def test_lspci_tree(lspci: str) -> None:
+    r = fakedev_run("dual-function-nic", [lspci, "-tv"])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "1c.0" in out and "[01]" in out
+    assert out.count("82576") == 2 or out.count("10c9") == 2, out
+    # Only the tree's devices: nothing of the host's PCI bus.
+    assert len([line for line in out.splitlines() if line.strip()]) <= 4, out
+
+
+def test_lspci_verbose_function(lspci: str) -> None:
+    r = fakedev_run("dual-function-nic", [lspci, "-vvv", "-s", "01:00.1"])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith("01:00.1 "), out
+    assert "Ethernet controller" in out
+    assert "Kernel driver in use: vfio-pci" in out
+    assert "IOMMU group: 14" in out
+    assert "MSI-X" in out
+
+
+def test_host_unchanged_during_and_after_a_run() -> None:
+    before = host_view()
+    proc = subprocess.Popen(
+        fakedev_cmd("run", "--tree", str(FIXTURES / "dual-function-nic.toml"), "--",
+                    "sh", "-c", "ls /dev/vfio/devices; echo ready; read x"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=fakedev_env(),
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == "vfio0\n"
+    assert proc.stdout.readline() == "vfio1\n"
+    assert proc.stdout.readline() == "ready\n"
+    assert host_view() == before
+    proc.stdin.write("\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    assert host_view() == before
+
+
+def test_show_from_outside_and_inside() -> None:
+    r = fakedev_run("dual-function-nic", [sys.executable, "-m", "fakedev.cli.main", "show"])
+    assert r.returncode == 0, r.stderr
+    assert "state from" in r.stdout
+    r = subprocess.run(
+        fakedev_cmd("show", "--tree", str(FIXTURES / "dual-function-nic.toml")),
+        capture_output=True, text=True, env=fakedev_env(),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "0000:01:00.1" in r.stdout and "vfio1" in r.stdout and "group 14" in r.stdout
+
+
+def test_run_as_unprivileged_user(
+    hotreset: str, unprivileged_user: str, userns_allowed: None, dev_fuse_usable_by_all: None
+) -> None:
+    exe = unprivileged_python(unprivileged_user)
+    if exe is None:
+        pytest.fail(f"no Python {sys.version_info[:2]} runnable by {unprivileged_user}")
+    Path(hotreset).chmod(0o755)
+    r = subprocess.run(
+        ["runuser", "-u", unprivileged_user, "--", "env",
+         f"PYTHONPATH={fakedev_env()['PYTHONPATH']}", exe, "-m", "fakedev.cli.main", "run",
+         "--tree", str(FIXTURES / "dual-function-nic.toml"), "--",
+         "sh", "-c", f"id -u; '{hotreset}' 0000:01:00.0 0000:01:00.1"],
+        capture_output=True, text=True, timeout=120, cwd="/",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    uid = subprocess.run(["id", "-u", unprivileged_user], capture_output=True, text=True)
+    assert r.stdout.splitlines()[0] == uid.stdout.strip()
+    assert "info: flags=0x3 count=2" in r.stdout
+    assert "reset: 0" in r.stdout
+
+
+def test_missing_command_and_bad_tree() -> None:
+    r = subprocess.run(fakedev_cmd("run", "--"), capture_output=True, text=True,
+                       env=fakedev_env())
+    assert r.returncode != 0 and "missing command" in r.stderr
+    r = subprocess.run(fakedev_cmd("show", "--tree", "/nonexistent.toml"),
+                       capture_output=True, text=True, env=fakedev_env())
+    assert r.returncode == 1 and "fakedev:" in r.stderr
