@@ -26,6 +26,7 @@ from fakedev.kernel.task import ForeignFile
 
 ULONG_MAX = (1 << 64) - 1
 PAGE_SIZE = 4096
+HPAGE_SIZE = 2 << 20
 IOMMU_READ = 1
 IOMMU_WRITE = 2
 
@@ -203,6 +204,7 @@ class IoPagetable:
         align = _roundup_pow_of_two(length)
         if has_uptr and uptr:
             align = min(align, _ffs_pow(uptr))
+        align = min(align, HPAGE_SIZE)  # ALIGN() overflow guard (THP kernels)
         if align < self.iova_alignment:
             raise KernelError(errno.EINVAL, "user address alignment below the IOAS alignment")
         lo, hi = PAGE_SIZE, ULONG_MAX - PAGE_SIZE

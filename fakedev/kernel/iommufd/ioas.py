@@ -144,13 +144,10 @@ def _map_checks(ucmd: Ucmd) -> tuple[Ioas, int, int | None]:
     return ioas, prot, iova
 
 
-def _respond_or_unmap(ucmd: Ucmd, ioas: Ioas, iova: int, length: int) -> None:
+def _respond_mapped(ucmd: Ucmd, iova: int) -> None:
+    """Report the IOVA; a fault here leaves the mapping in place, as in the kernel."""
     ucmd.cmd["iova"] = iova
-    try:
-        ucmd.respond()
-    except KernelError:
-        ioas.iopt.unmap_iova(iova, length)
-        raise
+    ucmd.respond()
 
 
 def iommufd_ioas_map(ucmd: Ucmd) -> int:
@@ -158,7 +155,7 @@ def iommufd_ioas_map(ucmd: Ucmd) -> int:
     ioas, prot, iova = _map_checks(ucmd)
     cmd = ucmd.cmd
     got = iopt_map_user_pages(ioas, ucmd.task.pid, iova, cmd["user_va"], cmd["length"], prot)
-    _respond_or_unmap(ucmd, ioas, got, cmd["length"])
+    _respond_mapped(ucmd, got)
     return 0
 
 
@@ -185,7 +182,7 @@ def iommufd_ioas_map_file(ucmd: Ucmd) -> int:
     except KernelError:
         f.close()
         raise
-    _respond_or_unmap(ucmd, ioas, got, length)
+    _respond_mapped(ucmd, got)
     return 0
 
 
@@ -205,11 +202,7 @@ def iommufd_ioas_copy(ucmd: Ucmd) -> int:
     iova = cmd["dst_iova"] if cmd["flags"] & C.IOMMU_IOAS_MAP_FIXED_IOVA else None
     got = dst.iopt.map_pages([(p, off, n) for p, off, n, _ in elems], iova, prot)
     cmd["dst_iova"] = got
-    try:
-        ucmd.respond()
-    except KernelError:
-        dst.iopt.unmap_iova(got, cmd["length"])
-        raise
+    ucmd.respond()  # a fault leaves the copy mapped, as in the kernel
     return 0
 
 
