@@ -124,11 +124,17 @@ SECCOMP_IOCTL_NOTIF_RECV: Final = _iowr(0, _NOTIF.size, 3)
 SECCOMP_IOCTL_NOTIF_SEND: Final = _iowr(1, _RESP.size, 3)
 SECCOMP_IOCTL_NOTIF_ID_VALID: Final = _iowr(2, 8, 1)
 SECCOMP_IOCTL_NOTIF_ADDFD: Final = _iowr(3, _ADDFD.size, 1)
+SECCOMP_IOCTL_NOTIF_SET_FLAGS: Final = _iowr(4, 8, 1)
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: Final = 1
 
 AT_FDCWD: Final = -100
 AT_SYMLINK_NOFOLLOW: Final = 0x100
 AT_EMPTY_PATH: Final = 0x1000
 RESOLVE_IN_ROOT: Final = 0x10
+RESOLVE_CACHED: Final = 0x20
+AT_STATX_SYNC_TYPE: Final = 0x6000
+AT_STATX_DONT_SYNC: Final = 0x4000
+STATX_BASIC_STATS: Final = 0x7FF
 STATX_TYPE: Final = 0x1
 STATX_MODE: Final = 0x2
 PATH_MAX: Final = 4096
@@ -459,8 +465,8 @@ class StatTarget:
 
     ``fd`` is set for fd-based calls (fstat, or AT_EMPTY_PATH with an empty
     path; None for the caller's cwd), ``path`` for path-based calls (as the
-    caller passed it). ``stat`` is the real stat of that file (st_dev/st_ino
-    identify it).
+    caller passed it). ``st_*`` are the real attributes of that file (st_dev
+    and st_ino identify it; st_dev is encoded as os.stat_result's).
     """
 
     syscall: str
@@ -468,7 +474,15 @@ class StatTarget:
     path: bytes | None
     dirfd: int
     flags: int
-    stat: os.stat_result
+    st_dev: int
+    st_ino: int
+    st_mode: int
+    st_rdev: int
+    st_size: int
+
+    def same_file(self, st: os.stat_result) -> bool:
+        """Is this the file ``st`` describes (same st_dev and st_ino)?"""
+        return self.st_dev == st.st_dev and self.st_ino == st.st_ino
 
 
 class Handler(Protocol):
@@ -486,7 +500,17 @@ class Handler(Protocol):
     def on_stat(self, call: Call, target: StatTarget) -> Decision | Awaitable[Decision]: ...
 
 
-# --- stat resolution (runs in a worker thread) ----------------------------------------
+# --- stat resolution ------------------------------------------------------------------
+#
+# The walk is first tried on the loop thread with RESOLVE_CACHED (only dentries
+# already in the dcache, never a call into a file system: a FUSE lookup would be
+# answered by this very thread) and statx(AT_STATX_DONT_SYNC) (cached attributes,
+# no GETATTR). When that is not possible (EAGAIN, or a /proc/self walk) the same
+# is done in a worker thread without those restrictions.
+
+
+class _NeedsThread(Exception):
+    """The cached-only walk could not resolve the path."""
 
 
 @define
@@ -546,29 +570,41 @@ def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     )
 
 
-def _proc_self_rewrite(path: bytes, pid: int, tid: int) -> bytes:
-    for prefix, who in ((b"/proc/self", pid), (b"/proc/thread-self", tid)):
+def _tgid(tid: int) -> int:
+    with open(f"/proc/{tid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1])
+    raise OSError(E.ESRCH, "no Tgid")  # pragma: no cover - the kernel always has it
+
+
+def _proc_self_rewrite(path: bytes, tid: int) -> bytes:
+    for prefix in (b"/proc/self", b"/proc/thread-self"):
         if path == prefix or path.startswith(prefix + b"/"):
+            who = _tgid(tid) if prefix == b"/proc/self" else tid
             return b"/proc/%d" % who + path[len(prefix) :]
     return path
 
 
-def _open_target(tid: int, pid: int, req: _StatRequest) -> int:
+def _open_target(tid: int, req: _StatRequest, cached: bool) -> int:
     """An O_PATH fd for the file the caller's stat names, walked as the caller would."""
     base = f"/proc/{tid}/cwd" if req.dirfd == AT_FDCWD else f"/proc/{tid}/fd/{req.dirfd}"
-    if req.path is None:
+    if req.path is None:  # a magic link of /proc: no lookup on the file's own fs
         return os.open(base, os.O_PATH | os.O_CLOEXEC)
     oflags = os.O_PATH | os.O_CLOEXEC
     if req.flags & AT_SYMLINK_NOFOLLOW:
         oflags |= os.O_NOFOLLOW
+    resolve = RESOLVE_CACHED if cached else 0
     if req.path.startswith(b"/"):
-        path = _proc_self_rewrite(req.path, pid, tid)
+        path = _proc_self_rewrite(req.path, tid)
+        if path is not req.path and cached:
+            raise _NeedsThread()
         root = os.open(f"/proc/{tid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             try:
-                return _openat2(root, path, oflags, RESOLVE_IN_ROOT)
+                return _openat2(root, path, oflags, RESOLVE_IN_ROOT | resolve)
             except OSError as e:
-                if e.errno not in (E.EXDEV, E.ELOOP):
+                if e.errno not in (E.EXDEV, E.ELOOP) or cached:
                     raise
                 # magic links (/proc/N/fd/M) are refused under RESOLVE_IN_ROOT
                 return os.open(b"." + path, oflags, dir_fd=root)
@@ -576,35 +612,20 @@ def _open_target(tid: int, pid: int, req: _StatRequest) -> int:
             os.close(root)
     dfd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return os.open(req.path, oflags, dir_fd=dfd)
+        return _openat2(dfd, req.path, oflags, resolve)
     finally:
         os.close(dfd)
 
 
-def _raw_stat(fd: int, statx_mask: int | None, flags: int) -> bytes:
-    """The bytes the caller's call would have got, taken on our O_PATH fd."""
-    if statx_mask is None:
-        buf = ctypes.create_string_buffer(STAT_SIZE)
-        _check(
-            _syscall(
-                ctypes.c_long(NR_NEWFSTATAT),
-                ctypes.c_long(fd),
-                ctypes.c_char_p(b""),
-                buf,
-                ctypes.c_long(AT_EMPTY_PATH),
-            ),
-            "newfstatat",
-        )
-        return buf.raw
+def _statx(fd: int, mask: int, sync: int) -> bytes:
     buf = ctypes.create_string_buffer(STATX_SIZE)
-    sync = flags & ~(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
     _check(
         _syscall(
             ctypes.c_long(NR_STATX),
             ctypes.c_long(fd),
             ctypes.c_char_p(b""),
             ctypes.c_long(sync | AT_EMPTY_PATH),
-            ctypes.c_uint(statx_mask),
+            ctypes.c_uint(mask),
             buf,
         ),
         "statx",
@@ -612,12 +633,54 @@ def _raw_stat(fd: int, statx_mask: int | None, flags: int) -> bytes:
     return buf.raw
 
 
-def _resolve(tid: int, pid: int, req: _StatRequest) -> tuple[os.stat_result, bytes]:
-    fd = _open_target(tid, pid, req)
+def _resolve(tid: int, req: _StatRequest, cached: bool) -> bytes:
+    """The struct statx of the target file (the caller's mask, at least the basics)."""
     try:
-        return os.fstat(fd), _raw_stat(fd, req.statx_mask, req.flags)
+        fd = _open_target(tid, req, cached)
+    except OSError as e:
+        if cached and e.errno in (E.EAGAIN, E.ECHILD, E.EXDEV, E.ELOOP):
+            raise _NeedsThread() from e
+        raise
+    try:
+        mask = STATX_BASIC_STATS | (req.statx_mask or 0)
+        sync = AT_STATX_DONT_SYNC if cached else req.flags & AT_STATX_SYNC_TYPE
+        return _statx(fd, mask, sync)
     finally:
         os.close(fd)
+
+
+_STATX_HEAD = struct.Struct("<IIQIIIHxxQQQQ")  # mask..attributes_mask
+_STATX_TS = struct.Struct("<qI4x")
+_STAT = struct.Struct("<QQQIIIxxxxQqqqqQqQqQ24x")
+
+
+def statx_to_stat(raw: bytes) -> bytes:
+    """struct statx -> struct stat (x86_64), as cp_new_stat() fills it."""
+    (_mask, blksize, _attrs, nlink, uid, gid, mode, ino, size, blocks, _amask) = (
+        _STATX_HEAD.unpack_from(raw, 0)
+    )
+    atime, atime_ns = _STATX_TS.unpack_from(raw, 64)
+    ctime, ctime_ns = _STATX_TS.unpack_from(raw, 96)
+    mtime, mtime_ns = _STATX_TS.unpack_from(raw, 112)
+    rmaj, rmin, dmaj, dmin = struct.unpack_from("<IIII", raw, 128)
+    return _STAT.pack(
+        os.makedev(dmaj, dmin),
+        ino,
+        nlink,
+        mode,
+        uid,
+        gid,
+        os.makedev(rmaj, rmin),
+        size,
+        blksize,
+        blocks,
+        atime,
+        atime_ns,
+        mtime,
+        mtime_ns,
+        ctime,
+        ctime_ns,
+    )
 
 
 def patch_stat(raw: bytes, mode: int, rdev: int) -> bytes:
@@ -640,6 +703,23 @@ def patch_statx(raw: bytes, mode: int, major: int, minor: int) -> bytes:
     struct.pack_into("<Q", b, 48, 0)
     struct.pack_into("<II", b, 128, major, minor)
     return bytes(b)
+
+
+def _stat_target(call: Call, req: _StatRequest, raw: bytes) -> StatTarget:
+    _m, _b, _a, _n, _u, _g, mode, ino, size, _bl, _am = _STATX_HEAD.unpack_from(raw, 0)
+    rmaj, rmin, dmaj, dmin = struct.unpack_from("<IIII", raw, 128)
+    return StatTarget(
+        syscall=call.syscall,
+        fd=req.dirfd if req.path is None and req.dirfd != AT_FDCWD else None,
+        path=req.path,
+        dirfd=req.dirfd,
+        flags=req.flags,
+        st_dev=os.makedev(dmaj, dmin),
+        st_ino=ino,
+        st_mode=mode,
+        st_rdev=os.makedev(rmaj, rmin),
+        st_size=size,
+    )
 
 
 # --- the supervisor ---------------------------------------------------------------------
@@ -674,6 +754,7 @@ class Supervisor:
             socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
         )
         self.listener: int | None = None
+        self.sync_wake_up = True
         self.answered = 0
         self._closed = False
         self._ready = trio.Event()
@@ -727,6 +808,10 @@ class Supervisor:
                 log.debug("child exited before installing the filter")
                 return
             self.listener = listener
+            if self.sync_wake_up:
+                # Linux 6.6+: wake us on the caller's CPU (a ping-pong, not a
+                # broadcast); the flags go by value. Older kernels: EINVAL, ignored.
+                _ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
             self._ready.set()
             async with trio.open_nursery() as nursery:
                 poller = select.poll()
@@ -737,7 +822,7 @@ class Supervisor:
                     if events & select.POLLIN:
                         call = self._recv(listener)
                         if call is not None:
-                            nursery.start_soon(self._serve, call)
+                            self._dispatch(call, nursery)
                     elif events & (select.POLLHUP | select.POLLERR):
                         log.debug("every supervised process has exited")
                         break
@@ -765,49 +850,79 @@ class Supervisor:
         nid, tid, _flags, nr, arch, ip, *args = _NOTIF.unpack(buf.raw)
         return Call(listener, nid, tid, nr, arch, ip, tuple(args))
 
-    async def _serve(self, call: Call) -> None:
+    def _dispatch(self, call: Call, nursery: trio.Nursery) -> None:
+        """Answer inline when everything is at hand; else finish in a task."""
         try:
-            decision = await self._decide(call)
+            pending = self._decide(call)
+        except Exception:
+            log.exception("handler failed on %r; answering EIO", call)
+            pending = Error(E.EIO)
+        if inspect.isawaitable(pending):
+            nursery.start_soon(self._finish, call, pending)
+        else:
+            self._reply(call, pending)
+
+    async def _finish(self, call: Call, pending: Awaitable[Decision]) -> None:
+        try:
+            decision = await pending
         except Exception:
             log.exception("handler failed on %r; answering EIO", call)
             decision = Error(E.EIO)
         self._reply(call, decision)
 
-    async def _decide(self, call: Call) -> Decision:
+    def _decide(self, call: Call) -> Decision | Awaitable[Decision]:
         if call.nr == NR_IOCTL:
             fd, cmd, arg = _s32(call.args[0]), call.args[1] & 0xFFFFFFFF, call.args[2]
-            return await _await(self.handler.on_ioctl(call, fd, cmd, arg))
+            return self.handler.on_ioctl(call, fd, cmd, arg)
         if call.nr in STAT_SYSCALLS:
-            return await self._decide_stat(call)
+            return self._decide_stat(call)
         return Continue()  # pragma: no cover - the filter traps nothing else
 
-    async def _decide_stat(self, call: Call) -> Decision:
+    def _decide_stat(self, call: Call) -> Decision | Awaitable[Decision]:
         try:
             req = _parse_stat_request(call)
-            pid = call.pid
         except OSError:
             return Continue()  # the kernel will give the real EFAULT/ENAMETOOLONG
         if not call.is_valid():
             return Continue()
         try:
-            st, raw = await trio.to_thread.run_sync(_resolve, call.tid, pid, req)
+            raw = _resolve(call.tid, req, cached=True)
+        except _NeedsThread:
+            return self._decide_stat_slow(call, req)
         except OSError:
             return Continue()  # the kernel will give the real error
-        target = StatTarget(
-            syscall=call.syscall,
-            fd=req.dirfd if req.path is None and req.dirfd != AT_FDCWD else None,
-            path=req.path,
-            dirfd=req.dirfd,
-            flags=req.flags,
-            stat=st,
-        )
-        decision = await _await(self.handler.on_stat(call, target))
+        return self._stat_decision(call, req, raw)
+
+    async def _decide_stat_slow(self, call: Call, req: _StatRequest) -> Decision:
+        try:
+            raw = await trio.to_thread.run_sync(_resolve, call.tid, req, False)
+        except OSError:
+            return Continue()
+        return await _await(self._stat_decision(call, req, raw))
+
+    def _stat_decision(
+        self, call: Call, req: _StatRequest, raw: bytes
+    ) -> Decision | Awaitable[Decision]:
+        decision = self.handler.on_stat(call, _stat_target(call, req, raw))
+        if inspect.isawaitable(decision):
+
+            async def later(d: Awaitable[Decision]) -> Decision:
+                return self._stat_reply(call, req, raw, await d)
+
+            return later(decision)
+        return self._stat_reply(call, req, raw, decision)
+
+    def _stat_reply(
+        self, call: Call, req: _StatRequest, raw: bytes, decision: Decision
+    ) -> Decision:
+        """Turn CharDevice into the struct written at the caller's buffer."""
         if not isinstance(decision, CharDevice):
             return decision
-        perm = S.S_IMODE(st.st_mode) if decision.perm is None else decision.perm
+        (mode,) = struct.unpack_from("<H", raw, 28)
+        perm = S.S_IMODE(mode) if decision.perm is None else decision.perm
         mode = S.S_IFCHR | perm
         if req.statx_mask is None:
-            data = patch_stat(raw, mode, os.makedev(decision.major, decision.minor))
+            data = patch_stat(statx_to_stat(raw), mode, os.makedev(decision.major, decision.minor))
         else:
             data = patch_statx(raw, mode, decision.major, decision.minor)
         if not call.is_valid():

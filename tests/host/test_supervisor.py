@@ -389,7 +389,7 @@ def chardev_for(chosen: Path, major: int, minor: int, perm: int | None = None) -
     ident = chosen.stat()
 
     def on_stat(call: Call, target: StatTarget) -> Decision:
-        if os.path.samestat(target.stat, ident):
+        if target.same_file(ident):
             return CharDevice(major, minor, perm)
         return Continue()
 
@@ -515,7 +515,7 @@ class FakeVfio:
         return InstallFd(await trio.to_thread.run_sync(os.open, path, os.O_RDWR))
 
     def on_stat(self, call: Call, target: StatTarget) -> Decision:
-        if os.path.samestat(target.stat, self.cdev.stat()):
+        if target.same_file(self.cdev.stat()):
             return CharDevice(511, 0)
         return Continue()
 
