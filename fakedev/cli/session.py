@@ -91,7 +91,7 @@ class RunSession:
         nodes = [(n.path, staging.fuse_dir / n.path) for n in self.kernel.nodes()]
         namespace.place_dev(staging, nodes, use_overlay=not self.rootless)
         self.generate(staging.sys_dir, self.tree, self.kernel)
-        namespace.place_sysfs(staging, staging.sys_dir)
+        namespace.place_sysfs(staging, staging.sys_dir / "sys")
 
     async def run(self) -> int:
         try:

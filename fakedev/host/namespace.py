@@ -409,11 +409,45 @@ def sysfs_places(generated: Path) -> list[str]:
     return rels
 
 
+# Generated sysfs directories whose entries are added to the real ones (the
+# host's other misc devices stay visible).
+SYSFS_MERGE = ("class/misc", "devices/virtual/misc")
+
+
+def place_entry(staging: Staging, source: Path, target: Path) -> None:
+    """Put ``source`` (a symlink: copied; a directory or file: bound) at
+    ``target``, shadowing the parent when it is a real directory."""
+    ensure_directory(staging, target.parent)
+    if not _ours(staging, target.parent):
+        shadow_directory(staging, target.parent)
+    if source.is_symlink():
+        if target.is_symlink():
+            target.unlink()
+        elif target.exists():
+            return  # a real entry of the same name is kept
+        os.symlink(os.readlink(source), target)
+        return
+    if not target.exists():
+        if source.is_dir():
+            target.mkdir()
+            staging.created.add(target)
+        else:
+            target.touch()
+    bind(source, target, recursive=True)
+
+
 def place_sysfs(staging: Staging, generated: Path, *, sys: Path = Path("/sys")) -> list[str]:
-    """Bind the generated subtrees over the real ``sys`` paths; returns them."""
+    """Bind the generated subtrees over the real ``sys`` paths (and add the
+    entries of the merged directories); returns what was placed."""
     placed = sysfs_places(generated)
     for rel in placed:
         target = sys / rel
         ensure_directory(staging, target)
         bind(generated / rel, target, recursive=True)
+    for rel in SYSFS_MERGE:
+        if not (generated / rel).is_dir():
+            continue
+        for child in sorted((generated / rel).iterdir()):
+            place_entry(staging, child, sys / rel / child.name)
+            placed.append(f"{rel}/{child.name}")
     return placed

@@ -51,6 +51,7 @@ class StandinServer:
 
 
 def generate(root: Path, tree: Any, kernel: Any) -> None:
+    root = root / "sys"
     dev = root / "devices/pci0000:00/0000:00:1c.0/0000:01:00.0"
     (dev / "vfio-dev/vfio0").mkdir(parents=True)
     (dev / "vendor").write_text("0x8086\n")
