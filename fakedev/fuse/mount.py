@@ -106,8 +106,18 @@ def mounts_at(mountpoint: str, fstype: str | None = None) -> list[MountInfo]:
     return [m for m in mounts() if m.mountpoint == path and (fstype is None or m.fstype == fstype)]
 
 
+def ensure_fusectl() -> bool:
+    """Mount fusectl at its usual place if nothing is mounted there; False if impossible."""
+    if any(m.fstype == "fusectl" for m in mounts()):
+        return True
+    rc: int = _libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None)
+    return rc == 0
+
+
 def abort(connection: int) -> bool:
-    """Abort a FUSE connection through fusectl; False if it is already gone."""
+    """Abort a FUSE connection through fusectl; False if it is gone (or fusectl is missing)."""
+    if not ensure_fusectl():
+        return False
     try:
         with open(f"{FUSECTL}/{connection}/abort", "w") as f:
             f.write("1")

@@ -94,6 +94,7 @@ class Server:
         self.mountpoint: str | None = None
         self.connection: int | None = None
         self.unexpected_errors = 0
+        self._fd = -1
         self.releases = 0
         self._files: dict[int, File] = {}
         self._paths: dict[int, str] = {}
@@ -136,7 +137,7 @@ class Server:
         if M.clear_stale(mountpoint, self.name):
             log.warning("cleared a stale fuse.%s mount at %s", self.name, mountpoint)
         self._build_tree()
-        fd = M.open_dev_fuse()
+        fd = self._fd = M.open_dev_fuse()
         mounted = False
         try:
             M.mount(mountpoint, fd, name=self.name, allow_other=self.allow_other)
@@ -151,7 +152,9 @@ class Server:
         finally:
             if mounted:
                 self._stop()
-            os.close(fd)
+            if self._fd >= 0:
+                os.close(fd)
+                self._fd = -1
             self._release_all()
             self.tracer.flush()
 
@@ -165,7 +168,9 @@ class Server:
                     log.warning("umount %s: %s", self.mountpoint, e)
             self.mountpoint = None
         if self.connection is not None:
-            M.abort(self.connection)
+            if not M.abort(self.connection) and self._fd >= 0:
+                os.close(self._fd)  # the last /dev/fuse reference: aborts too
+                self._fd = -1
             self.connection = None
 
     def _release_all(self) -> None:

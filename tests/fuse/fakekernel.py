@@ -92,7 +92,7 @@ class FakeDevice(File):
             k.binds.append((self.label, f.ctx_id))
             return 0
         if cmd == I.VFIO_DEVICE_SET_IRQS:
-            argsz, flags, index, start, count = struct.unpack("<IIIII", task.read(arg, 20))
+            _argsz, _flags, _index, _start, count = struct.unpack("<IIIII", task.read(arg, 20))
             fds = struct.unpack(f"<{count}i", task.read(arg + 20, 4 * count))
             got = [task.fget(fd) for fd in fds]
             for g in got:
