@@ -270,20 +270,20 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_trace_decode(args: argparse.Namespace) -> int:
+    from fakedev.cli.render import decode_trace_record
+
     try:
-        from fakedev.host import trace
-    except ImportError as exc:
-        raise CliError("trace-decode: trace support is not available") from exc
-    decode = getattr(trace, "decode_file", None)
-    if decode is None:
-        raise CliError("trace-decode: trace support is not available")
-    try:
-        for line in decode(args.file):
-            print(line)
+        with open(args.file) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CliError(f"trace-decode: {args.file}:{number}: not JSON: {exc}") from exc
+                print(decode_trace_record(rec))
     except OSError as exc:
         raise CliError(f"trace-decode: {args.file}: {exc.strerror}") from exc
-    except BrokenPipeError:
-        pass
     return 0
 
 

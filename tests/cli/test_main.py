@@ -50,3 +50,25 @@ def test_show_pid_outside_a_run_is_a_clear_error(capsys: pytest.CaptureFixture[s
 def test_render_state_nested() -> None:
     text = render_state({"a": {"b": [1, {"c": None}]}, "empty": []}, source="x")
     assert text.splitlines() == ["state from x", "a:", "  b:", "    - 1", "    - c: -", "empty: []"]
+
+
+def test_trace_decode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recs = [
+        {"op": "ioctl", "pid": 7, "fd": 5, "node": "vfio0", "name": "VFIO_DEVICE_PCI_HOT_RESET",
+         "request": {"argsz": 12, "flags": 0, "count": 0}, "result_struct": None,
+         "result": None, "errno": "EINVAL"},
+        {"op": "ioctl", "pid": 7, "fd": None, "node": "iommufd", "name": "IOMMU_IOAS_ALLOC",
+         "request": {"size": 12, "flags": 0, "out_ioas_id": 0},
+         "result_struct": {"size": 12, "flags": 0, "out_ioas_id": 2}, "result": 0, "errno": None},
+        {"op": "read", "pid": 7, "node": "vfio0", "offset": 7 << 40, "size": 4, "result": 4,
+         "errno": None},
+    ]
+    f = tmp_path / "trace.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert cli.main(["trace-decode", str(f)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "[pid 7] VFIO_DEVICE_PCI_HOT_RESET(fd=5 vfio0, {argsz=12, flags=0, count=0}) = -1 EINVAL",
+        "[pid 7] IOMMU_IOAS_ALLOC(fd=? iommufd, {size=12, flags=0, out_ioas_id=0}) = 0"
+        " => {size=12, flags=0, out_ioas_id=2}",
+        "[pid 7] pread(vfio0, 4, 0x70000000000) = 4",
+    ]
