@@ -8,12 +8,16 @@
  *   supervisor_probe other PATH           ioctls that are not trapped or not ours
  *   supervisor_probe stat PATH [LINK]     every stat variant on PATH (and LINK)
  *   supervisor_probe pending PATH         one GET_DEVICE_FD, then show the process still works
+ *   supervisor_probe threads NAME PATH N  N threads call GET_DEVICE_FD at once
+ *   supervisor_probe signal NAME PATH     GET_DEVICE_FD with an SA_RESTART SIGUSR1 handler
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
 #include <linux/stat.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,6 +56,36 @@ static int getfd(const char *name, const char *path)
 		use_fd((int)r);
 	fflush(stdout);
 	return 0;
+}
+
+static const char *g_name;
+static int g_group;
+
+static void *thread_getfd(void *arg)
+{
+	long r = syscall(SYS_ioctl, g_group, GET_DEVICE_FD, g_name);
+	printf("thread%ld %ld %d\n", (long)arg, r, r < 0 ? errno : 0);
+	return NULL;
+}
+
+static int threads(const char *name, const char *path, int n)
+{
+	pthread_t t[64];
+	g_name = name;
+	g_group = open(path, O_RDWR);
+	for (long i = 0; i < n && i < 64; i++)
+		pthread_create(&t[i], NULL, thread_getfd, (void *)i);
+	for (int i = 0; i < n && i < 64; i++)
+		pthread_join(t[i], NULL);
+	return 0;
+}
+
+static volatile sig_atomic_t g_signals;
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	g_signals++;
 }
 
 static void show(const char *what, long r, struct stat *st)
@@ -97,6 +131,9 @@ static int do_stat(const char *path, const char *link)
 	if (chdir(dir) == 0)
 		show("relative", syscall(SYS_newfstatat, AT_FDCWD, base, &st, 0), &st);
 	show("efault", syscall(SYS_fstat, fd, (void *)8), &st);
+	char self[64];
+	snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
+	show("proc-self", syscall(SYS_stat, self, &st), &st);
 	if (link) {
 		show("link-stat", syscall(SYS_stat, link, &st), &st);
 		show("link-lstat", syscall(SYS_lstat, link, &st), &st);
@@ -147,6 +184,18 @@ int main(int argc, char **argv)
 		long r = syscall(SYS_ioctl, 0, GET_DEVICE_FD, "again");
 		printf("again %ld %d\n", r, r < 0 ? errno : 0);
 		printf("alive 1\n");
+		return 0;
+	}
+	if (argc >= 5 && !strcmp(argv[1], "threads"))
+		return threads(argv[2], argv[3], atoi(argv[4]));
+	if (argc >= 4 && !strcmp(argv[1], "signal")) {
+		struct sigaction sa;
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_handler = on_usr1;
+		sa.sa_flags = SA_RESTART;
+		sigaction(SIGUSR1, &sa, NULL);
+		getfd(argv[2], argv[3]);
+		printf("signals %d\n", (int)g_signals);
 		return 0;
 	}
 	fprintf(stderr, "usage: see the header of supervisor_probe.c\n");

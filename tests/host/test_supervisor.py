@@ -41,7 +41,9 @@ def probes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     built = {}
     for kind, extra in (("dynamic", []), ("static", ["-static"])):
         exe = out / f"probe-{kind}"
-        subprocess.run([gcc, "-O1", "-Wall", *extra, "-o", str(exe), str(PROBE_SRC)], check=True)
+        subprocess.run(
+            [gcc, "-O1", "-Wall", "-pthread", *extra, "-o", str(exe), str(PROBE_SRC)], check=True
+        )
         built[kind] = exe
     return built
 
@@ -230,18 +232,119 @@ async def test_untrapped_and_foreign_calls_run_as_made(probe: Path, tmp_path: Pa
     assert handler.stats == []  # stat mode off: the loader's fstat calls are not seen
 
 
-async def test_handler_exception_answers_eio(probe: Path, tmp_path: Path) -> None:
+def broken_sync(call: Call, fd: int, cmd: int, arg: int) -> Decision:
+    raise RuntimeError("model bug")
+
+
+async def broken_async(call: Call, fd: int, cmd: int, arg: int) -> Decision:
+    await trio.lowlevel.checkpoint()
+    raise RuntimeError("model bug")
+
+
+@pytest.mark.parametrize("broken", [broken_sync, broken_async])
+async def test_handler_exception_answers_eio(
+    probe: Path, tmp_path: Path, broken: Callable[..., Any]
+) -> None:
     group = tmp_path / "13"
     group.write_bytes(b"")
-
-    def broken(call: Call, fd: int, cmd: int, arg: int) -> Decision:
-        raise RuntimeError("model bug")
 
     status, out, _ = await run(
         [str(probe), "getfd", NAME.decode(), str(group)], Recorder(broken), tmp=tmp_path
     )
     assert status == 0
     assert out["getfd"] == ["-1", str(errno.EIO)]
+
+
+async def test_stat_handler_exception_answers_eio(
+    probe: Path, nodes: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    chosen, _other, _link = nodes
+
+    def broken(call: Call, target: StatTarget) -> Decision:
+        if (
+            target.path is None
+            and target.fd is not None
+            and os.path.basename(os.readlink(f"/proc/{call.tid}/fd/{target.fd}")) == "vfio0"
+        ):
+            raise RuntimeError("model bug")
+        return Continue()
+
+    _status, out, _ = await run(
+        [str(probe), "stat", str(chosen)],
+        Recorder(on_stat=broken),
+        FilterConfig(stat=True),
+        tmp_path,
+    )
+    assert out["fstat"] == ["err", str(errno.EIO)]
+    assert out["stat"][1] == "100644"
+
+
+async def test_threads_are_served_concurrently(probe: Path, tmp_path: Path) -> None:
+    group, device = tmp_path / "13", tmp_path / "device"
+    group.write_bytes(b"")
+    device.write_bytes(b"")
+    n = 4
+    arrived: list[int] = []
+    all_in = trio.Event()
+
+    async def on_ioctl(call: Call, fd: int, cmd: int, arg: int) -> Decision:
+        arrived.append(call.tid)
+        if len(arrived) == n:
+            all_in.set()
+        await all_in.wait()  # only returns if the n calls are in flight together
+        return InstallFd(await trio.to_thread.run_sync(os.open, device, os.O_RDWR))
+
+    status, out, pid = await run(
+        [str(probe), "threads", NAME.decode(), str(group), str(n)], Recorder(on_ioctl), tmp=tmp_path
+    )
+    assert status == 0
+    fds = {int(out[f"thread{i}"][0]) for i in range(n)}
+    assert len(fds) == n and min(fds) > 2
+    assert len(set(arrived)) == n and pid not in arrived  # the threads, not the main one
+
+
+async def test_interrupted_call_is_restarted_and_the_stale_fd_dropped(
+    probe: Path, tmp_path: Path
+) -> None:
+    group, device = tmp_path / "13", tmp_path / "device"
+    group.write_bytes(b"")
+    device.write_bytes(b"")
+    calls: list[Call] = []
+    first_in, second_in, release_first = trio.Event(), trio.Event(), trio.Event()
+    stale_valid: list[bool] = []
+
+    async def on_ioctl(call: Call, fd: int, cmd: int, arg: int) -> Decision:
+        calls.append(call)
+        if len(calls) == 1:
+            first_in.set()
+            await release_first.wait()
+            stale_valid.append(call.is_valid())
+        else:
+            second_in.set()
+        return InstallFd(await trio.to_thread.run_sync(os.open, device, os.O_RDWR))
+
+    out_path = tmp_path / "out"
+    with open(out_path, "w") as out, trio.fail_after(30):
+        sup = Supervisor(Recorder(on_ioctl))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.run)
+            proc = await sup.start_process(
+                [str(probe), "signal", NAME.decode(), str(group)], stdout=out
+            )
+            await first_in.wait()
+            proc.send_signal(10)  # SIGUSR1, SA_RESTART: the ioctl is restarted
+            await second_in.wait()
+            release_first.set()
+            status = await proc.wait()
+            nursery.cancel_scope.cancel()
+    res = parse(out_path.read_text())
+    assert status == 0
+    assert res["signals"] == ["1"]
+    assert res["getfd"][1] == "0" and res["read"] == ["4", "ping"]
+    assert stale_valid == [False]
+    assert len(calls) == 2 and calls[0].id != calls[1].id
+    assert sup.answered == 1  # the stale ADDFD found no waiting call; its fd was dropped
+    assert device.read_bytes() == b"ping"
 
 
 async def test_error_and_return_decisions(probe: Path, tmp_path: Path) -> None:
@@ -481,6 +584,7 @@ cdev = os.open(root + "/dev/vfio/devices/vfio0", os.O_RDWR)
 st = os.fstat(cdev)
 print("cdev", int(stat.S_ISCHR(st.st_mode)), int(st.st_rdev == os.makedev(maj, mino)))
 print("unknown", libc.ioctl(group, 0x3b6a, b"0000:99:00.0"), ctypes.get_errno())
+print("badptr", libc.ioctl(group, 0x3b6a, ctypes.c_void_p(8)), ctypes.get_errno())
 """
 
 
@@ -533,3 +637,4 @@ async def test_whole_trick_without_fuse(tmp_path: Path) -> None:
     assert fake.cdev.read_bytes() == b"config"
     assert out["cdev"] == ["1", "1"]
     assert out["unknown"] == ["-1", str(errno.ENODEV)]
+    assert out["badptr"] == ["-1", str(errno.EFAULT)]
