@@ -28,6 +28,18 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 KILL_GRACE_SECONDS = 5.0
 
 
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
+
+
+def _from_terminal() -> bool:
+    """True when we are in the terminal's foreground process group: a Ctrl-C
+    there already reached the child (same group), so it is not sent twice."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
 class ServerStopped(Exception):
     """The FUSE server ended while the program was still running."""
 
@@ -179,7 +191,8 @@ class RunSession:
             if trio.current_time() >= deadline:
                 proc.kill()
                 continue
-            proc.send_signal(signum)
+            if not (signum in TERMINAL_SIGNALS and _from_terminal()):
+                proc.send_signal(signum)
             deadline = trio.current_time() + KILL_GRACE_SECONDS
 
     def _cleanup(self) -> None:
