@@ -176,17 +176,21 @@ class _Loader:
         self.text = ""
         self.loc = SourceLocator("")
         self._fn_of: dict[int, _Fn] = {}
+        self._names: dict[int, str] = {}
 
     # -- error helpers ------------------------------------------------------
     def fail(self, where: tuple[PathElem, ...], problem: str, label: str | None = None) -> NoReturn:
-        raise TreeError(self.path, self.loc.line_of(where), label or _dotted(where), problem)
+        if label is None:
+            label = _dotted(where)
+            if len(where) >= 2 and where[0] == "function" and isinstance(where[1], int):
+                name = self._names.get(where[1])
+                if name is not None:
+                    label = f"function[{where[1]}] ({name})" + _dotted(where[2:], nested=True)
+        raise TreeError(self.path, self.loc.line_of(where), label, problem)
 
     def fn_fail(self, f: _Fn, key: tuple[PathElem, ...], problem: str) -> NoReturn:
         where: tuple[PathElem, ...] = ("function", f.index, *key)
-        label = f"function[{f.index}] ({f.name})" + "".join(
-            f"[{k}]" if isinstance(k, int) else f".{k}" for k in key
-        )
-        self.fail(where, problem, label)
+        self.fail(where, problem)
 
     def check_keys(
         self, table: Mapping[str, Any], allowed: set[str], where: tuple[PathElem, ...]
@@ -330,6 +334,7 @@ class _Loader:
             self.fail((*w, "bdf"), f'{bdf!r} is not a function address like "0000:01:00.0"')
         domain, bus = int(m.group(1) or "0", 16), int(m.group(2), 16)
         devfn = (int(m.group(3), 16) << 3) | int(m.group(4))
+        self._names[i] = bdf_name(domain, bus, devfn)
         f = _Fn(
             i,
             domain,
@@ -1099,10 +1104,10 @@ def _tname(v: object) -> str:
     }.get(type(v), type(v).__name__)
 
 
-def _dotted(path: tuple[PathElem, ...]) -> str:
+def _dotted(path: tuple[PathElem, ...], nested: bool = False) -> str:
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out or nested else p)
     return out
 
 
