@@ -28,10 +28,13 @@ What is trapped (everything else runs at full speed, decided in BPF):
   AT_EMPTY_PATH)``, so all five must be trapped.
 Only the x86_64 syscall ABI is trapped; i386 (int 0x80) and x32 calls pass.
 
-Costs: a trapped call costs a round trip through the supervisor (tens of
-microseconds, plus a worker thread hop for stat resolution); a trapped call
-that is not ours is resumed with CONTINUE. Untrapped calls pay only the BPF
-run. Stat mode traps every stat of every process in the tree: use it only for
+Costs (measured on Linux 6.18, 2 cores, Python 3.11): untrapped calls pay only
+the BPF run; a trapped ioctl answered inline (CONTINUE or a value) takes about
+40-50 us; a stat in stat mode about 110-150 us. Handlers that return a plain
+Decision are answered inline on the loop, async ones in their own task, so
+several threads of the target are served concurrently. The listener is set to
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (6.6+: the supervisor runs on the caller's
+CPU). Stat mode traps every stat of every process in the tree: use it only for
 programs that need it (QEMU's ``open_cdev``).
 
 Limits and consequences:
@@ -52,8 +55,11 @@ Limits and consequences:
   (``/proc/<tid>/root`` with ``RESOLVE_IN_ROOT``, ``/proc/<tid>/cwd``,
   ``/proc/<tid>/fd/N``); ``/proc/self`` is rewritten to the caller's pid.
   A walk that fails is resumed with CONTINUE, so the kernel gives the real
-  error. The handler must not block the trio loop: the resolution touches the
-  FUSE mount and therefore runs in a worker thread.
+  error. The walk never asks a FUSE server from the loop thread (which may be
+  the server of that mount): it uses the dcache and cached attributes only
+  (``RESOLVE_CACHED``, ``AT_STATX_DONT_SYNC``) and moves to a worker thread
+  when they are not enough. Handlers must follow the same rule.
+- Only x86_64 is supported (syscall numbers, struct stat layout).
 """
 
 from __future__ import annotations

@@ -638,3 +638,23 @@ async def test_whole_trick_without_fuse(tmp_path: Path) -> None:
     assert out["cdev"] == ["1", "1"]
     assert out["unknown"] == ["-1", str(errno.ENODEV)]
     assert out["badptr"] == ["-1", str(errno.EFAULT)]
+
+
+@pytest.mark.parametrize("no_new_privs", [True, False])
+async def test_no_new_privs_is_set_unless_asked_not_to(tmp_path: Path, no_new_privs: bool) -> None:
+    if not no_new_privs and os.geteuid() != 0:
+        pytest.skip("a filter without no_new_privs needs CAP_SYS_ADMIN")
+    out_path = tmp_path / "status"
+    with open(out_path, "w") as out:
+        status = await sv.run_supervised(
+            ["cat", "/proc/self/status"],
+            Recorder(),
+            FilterConfig(no_new_privs=no_new_privs),
+            stdout=out,
+        )
+    assert status == 0
+    fields = dict(
+        line.split(":\t", 1) for line in out_path.read_text().splitlines() if ":\t" in line
+    )
+    assert fields["NoNewPrivs"].strip() == ("1" if no_new_privs else "0")
+    assert fields["Seccomp"].strip() == "2"  # filter mode
