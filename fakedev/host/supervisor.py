@@ -799,10 +799,19 @@ class Supervisor:
         while True:
             await trio.lowlevel.wait_readable(self._parent_sock)
             try:
-                _msg, fds, _flags, _addr = socket.recv_fds(self._parent_sock, 16, 1)
+                # socket.recv_fds drops its flags argument: MSG_CMSG_CLOEXEC by hand, so
+                # that no other child of ours can keep the listener (and the calls) alive
+                _msg, anc, _flags, _addr = self._parent_sock.recvmsg(
+                    16, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 continue
             self._parent_sock.close()
+            fds = [
+                int.from_bytes(data[:4], "little")
+                for level, kind, data in anc
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4
+            ]
             return fds[0] if fds else None
 
     async def run(self) -> None:

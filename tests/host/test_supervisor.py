@@ -430,6 +430,9 @@ async def test_run_returns_when_the_tree_has_exited(probe: Path, tmp_path: Path)
             proc = await sup.start_process(
                 [str(probe), "other", str(plain)], stdout=subprocess.DEVNULL
             )
+            await sup.wait_ready()
+            assert sup.listener is not None
+            assert not os.get_inheritable(sup.listener)  # no other child may keep it open
             await proc.wait()
         # run() ended by itself: every holder of the filter is gone
     assert sup.answered == 1
