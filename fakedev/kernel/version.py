@@ -68,6 +68,11 @@ class KernelVersion:
         """IOMMU_IOAS_CHANGE_PROCESS."""
         return self.at_least(6, 13)
 
+    @property
+    def type1_has_nesting(self) -> bool:
+        """VFIO_TYPE1_NESTING_IOMMU still offered by type1 (removed in 6.13)."""
+        return not self.at_least(6, 13)
+
 
 MINIMUM = KernelVersion(6, 6)
 NEWEST = KernelVersion(6, 18)

@@ -1,0 +1,253 @@
+"""The kernel facade: one machine's VFIO + iommufd state behind /dev nodes.
+
+``Kernel(topology, version, clock)`` probes vfio-pci on every function whose
+``driver`` is "vfio-pci" (in topology walk order: vfio0, vfio1, ...), creates
+the VFIO groups and dev_sets, and serves ``open`` of the nodes it lists in
+``nodes()``. It also offers what tests and ``fakedev show`` need: the reset
+log, fault hooks, ``check_invariants`` and ``describe``. Sans-I/O like the
+rest of the model.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+from fakedev.kernel.errors import KernelError
+from fakedev.kernel.file import DevNode, File
+from fakedev.kernel.iommu import IommuGroup, build_iommu_groups, iommu_check_invariants
+from fakedev.kernel.pci import PciTopology
+from fakedev.kernel.task import Task
+from fakedev.kernel.version import NEWEST, KernelVersion
+from fakedev.kernel.vfio.container import VfioContainerFile
+from fakedev.kernel.vfio.device_cdev import vfio_device_fops_cdev_open
+from fakedev.kernel.vfio.group import VfioGroup, vfio_group_fops_open
+from fakedev.kernel.vfio.pci.vfio_pci_core import VfioPciDevice
+from fakedev.kernel.vfio.pci.vfio_pci_rdwr import BarBehaviour
+from fakedev.kernel.vfio.vfio_main import KernelHooks, ResetRecord, Vfio
+
+#: /dev/vfio/vfio: misc device VFIO_MINOR
+VFIO_MISC_MAJOR = 10
+VFIO_MINOR = 196
+#: /dev/iommu: a dynamic misc minor
+IOMMU_MINOR = 123
+#: dynamic chrdev majors as the kernel would hand them out ("vfio", then "vfio-dev")
+VFIO_GROUP_MAJOR = 243
+VFIO_DEV_MAJOR = 242
+
+__all__ = [
+    "IOMMU_MINOR",
+    "VFIO_DEV_MAJOR",
+    "VFIO_GROUP_MAJOR",
+    "VFIO_MINOR",
+    "Kernel",
+    "KernelHooks",
+    "ResetRecord",
+    "VfioPciDevice",
+]
+
+
+class Kernel:
+    """One simulated machine: its PCI topology, iommu groups, VFIO and iommufd."""
+
+    def __init__(self, topology: PciTopology, version: KernelVersion = NEWEST,
+                 clock: Callable[[], float] | None = None,
+                 behaviours: dict[str, BarBehaviour] | None = None) -> None:
+        self.topology = topology
+        self.version = version
+        self.vfio = Vfio(version, clock)
+        self.iommu_groups: dict[int, IommuGroup] = build_iommu_groups(topology)
+        self.vfio.iommu_groups = self.iommu_groups
+        self._ictx_names: dict[int, str] = {}
+        self._ictxs: list[Any] = []
+        behaviours = behaviours or {}
+        for pdev in topology.devices():
+            if pdev.driver != "vfio-pci" or pdev.iommu_group is None:
+                continue
+            igroup = self.iommu_groups[pdev.iommu_group]
+            group = self.vfio.groups.get(igroup.id)
+            if group is None:
+                group = VfioGroup(igroup, minor=len(self.vfio.groups))
+                self.vfio.groups[igroup.id] = group
+            index = len(self.vfio.devices)
+            dev = VfioPciDevice(self.vfio, pdev, index, group, behaviours.get(pdev.name))
+            group.devices.append(dev)
+            self.vfio.devices.append(dev)
+
+    # -- state access ------------------------------------------------------------
+    @property
+    def hooks(self) -> KernelHooks:
+        return self.vfio.hooks
+
+    @property
+    def reset_log(self) -> list[ResetRecord]:
+        return self.vfio.reset_log
+
+    def reset_count(self, bdf: str) -> int:
+        return self.vfio.reset_counts.get(bdf, 0)
+
+    def vfio_devices(self) -> list[VfioPciDevice]:
+        return [d for d in self.vfio.devices if isinstance(d, VfioPciDevice)]
+
+    def device(self, name: str) -> VfioPciDevice:
+        """The vfio-pci device by BDF ("0000:01:00.0") or node name ("vfio0")."""
+        for d in self.vfio_devices():
+            if name in (d.name, f"vfio{d.index}"):
+                return d
+        raise KeyError(name)
+
+    def raise_irq(self, name: str, index: int, vector: int = 0) -> bool:
+        """The device ``name`` signals interrupt ``vector`` of IRQ ``index``."""
+        return self.device(name).raise_irq(index, vector)
+
+    # -- nodes ------------------------------------------------------------------------
+    def nodes(self) -> list[DevNode]:
+        out = [DevNode("vfio/vfio", VFIO_MISC_MAJOR, VFIO_MINOR, 0o666)]
+        for g in self.vfio.groups.values():
+            out.append(DevNode(f"vfio/{g.id}", VFIO_GROUP_MAJOR, g.minor, 0o600))
+        for d in self.vfio.devices:
+            out.append(DevNode(f"vfio/devices/vfio{d.index}", VFIO_DEV_MAJOR, d.index, 0o600))
+        out.append(DevNode("iommu", VFIO_MISC_MAJOR, IOMMU_MINOR, 0o660))
+        return out
+
+    def open(self, path: str, task: Task) -> File:
+        """open(2) of /dev/``path``; KernelError as the kernel's open would fail."""
+        path = path.removeprefix("/dev/").strip("/")
+        if path == "vfio/vfio":
+            return VfioContainerFile(self.version, task.pid)
+        if path == "iommu":
+            from fakedev.kernel.iommufd.main import iommufd_fops_open
+
+            f = iommufd_fops_open(self.version)
+            self._ictxs.append(f.ctx)
+            self._ictx_names[id(f.ctx)] = f"iommufd{len(self._ictxs)}"
+            return f
+        if path.startswith("vfio/devices/vfio"):
+            num = path.removeprefix("vfio/devices/vfio")
+            for d in self.vfio.devices:
+                if num.isdigit() and d.index == int(num):
+                    return vfio_device_fops_cdev_open(d, task)
+            raise KernelError(errno.ENOENT, f"/dev/{path}")
+        if path.startswith("vfio/"):
+            gid = path.removeprefix("vfio/")
+            if gid.isdigit() and int(gid) in self.vfio.groups:
+                return vfio_group_fops_open(self.vfio.groups[int(gid)], task)
+        raise KernelError(errno.ENOENT, f"/dev/{path}")
+
+    # -- checking and showing ---------------------------------------------------------
+    def _ctx_name(self, ctx: Any) -> str | None:
+        if ctx is None:
+            return None
+        return self._ictx_names.get(id(ctx), f"iommufd@{id(ctx):x}")
+
+    def _all_ctxs(self) -> list[Any]:
+        seen: dict[int, Any] = {id(c): c for c in self._ictxs}
+        for d in self.vfio.devices:
+            if d.iommufd_ictx is not None:
+                seen.setdefault(id(d.iommufd_ictx), d.iommufd_ictx)
+        for g in self.vfio.groups.values():
+            if g.iommufd is not None:
+                seen.setdefault(id(g.iommufd), g.iommufd)
+        return list(seen.values())
+
+    def check_invariants(self) -> list[str]:
+        """[] when the model's state is consistent; else one line per violation."""
+        from fakedev.kernel.iommufd.main import iommufd_check_invariants
+
+        out: list[str] = list(iommu_check_invariants(self.iommu_groups))
+        for ig0 in self.iommu_groups.values():
+            if ig0.user_owner_cnt and ig0.kernel_owner_cnt:
+                out.append(f"iommu group {ig0.id}: owned by a user and by a host driver")
+        for d in self.vfio.devices:
+            ig = d.iommu_group
+            if d.open_count < 0:
+                out.append(f"{d.name}: negative open_count")
+            if d.cdev_opened and d.open_count != 1:
+                out.append(f"{d.name}: cdev-opened with open_count {d.open_count}")
+            if d.iommufd_device is not None:
+                ctx = d.iommufd_ictx
+                if ctx is None or ctx.dead:
+                    out.append(f"{d.name}: bound to a released iommufd context")
+                elif ctx.objects.get(d.iommufd_device.obj_id) is not d.iommufd_device:
+                    out.append(f"{d.name}: devid {d.iommufd_device.obj_id} not in its context")
+                if ig is not None and ig.owner is not ctx:
+                    out.append(f"{d.name}: bound to {self._ctx_name(ctx)} but group {ig.id} owner is {ig.owner!r}")
+                if d.open_count == 0:
+                    out.append(f"{d.name}: iommufd-bound but not open")
+            elif d.open_count and d.group.container is None:
+                out.append(f"{d.name}: open without an iommufd or a container")
+            if d.iommufd_attached and d.iommufd_device is None:
+                out.append(f"{d.name}: attached but not bound")
+        for vg in self.vfio.groups.values():
+            g = vg
+            ncdev = sum(1 for d in g.devices if d.cdev_opened)
+            if g.cdev_device_open_cnt != ncdev:
+                out.append(f"group {g.id}: cdev_device_open_cnt {g.cdev_device_open_cnt} != {ncdev} bound")
+            if g.cdev_device_open_cnt and g.opened_file is not None:
+                out.append(f"group {g.id}: open while a device is cdev-bound")
+            if g.container is not None:
+                users = 1 + sum(1 for d in g.devices if d.open_count and d.iommufd_device is None)
+                if g.container_users != users:
+                    out.append(f"group {g.id}: container_users {g.container_users} != {users}")
+                if g.iommu_group is not None and g.iommu_group.owner is not g:
+                    out.append(f"group {g.id}: in a container but not the DMA owner")
+                if g.opened_file is None:
+                    out.append(f"group {g.id}: container set but no open file")
+            if g.container is not None and g.iommufd is not None:
+                out.append(f"group {g.id}: both a container and an iommufd")
+        ids: dict[int, list[int]] = {}
+        for ctx in self._all_ctxs():
+            out.extend(iommufd_check_invariants(ctx))
+            for d in self.vfio.devices:
+                if d.iommufd_ictx is ctx and d.iommufd_device is not None:
+                    ids.setdefault(id(ctx), []).append(int(d.iommufd_device.obj_id))
+        for lst in ids.values():
+            if len(lst) != len(set(lst)):
+                out.append(f"duplicate devids {sorted(lst)} in one iommufd context")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """A plain-data snapshot: devices, groups, dev_sets, drivers, contexts."""
+        devices = []
+        for d in self.vfio_devices():
+            entry = d.describe()
+            entry["iommufd"] = self._ctx_name(d.iommufd_ictx)
+            devices.append(entry)
+        groups = []
+        for g in self.vfio.groups.values():
+            ig = g.iommu_group
+            groups.append({
+                "id": g.id,
+                "minor": g.minor,
+                "devices": [d.name for d in g.devices],
+                "open": g.opened_file is not None,
+                "opener_pid": g.opened_file.pid if g.opened_file is not None else None,
+                "container": g.container is not None,
+                "container_iommu": g.container.iommu_driver is not None if g.container else False,
+                "iommufd": self._ctx_name(g.iommufd),
+                "container_users": g.container_users,
+                "cdev_device_open_cnt": g.cdev_device_open_cnt,
+                "dma_owner": ("container" if ig is not None and ig.owner is g else
+                              self._ctx_name(ig.owner) if ig is not None and ig.owner is not None else None),
+            })
+        dev_sets = [{"key": ds.label, "devices": [d.name for d in ds.device_list]}
+                    for ds in self.vfio.dev_sets]
+        drivers = {p.name: p.driver for p in self.topology.devices()}
+        iommu_groups = {g.id: {"devices": [p.name for p in g.devices], "owner_cnt": g.owner_cnt}
+                        for g in self.iommu_groups.values()}
+        ctxs = {}
+        for ctx in self._all_ctxs():
+            name = self._ctx_name(ctx)
+            assert name is not None
+            ctxs[name] = {"dead": ctx.dead, **ctx.describe()} if not ctx.dead else {"dead": True}
+        return {
+            "version": str(self.version),
+            "devices": devices,
+            "groups": groups,
+            "dev_sets": dev_sets,
+            "drivers": drivers,
+            "iommu_groups": iommu_groups,
+            "iommufd": ctxs,
+            "resets": len(self.vfio.reset_log),
+        }

@@ -1,0 +1,133 @@
+"""The device cdev: /dev/vfio/devices/vfioN, BIND / ATTACH / DETACH, unbind at close.
+
+Mirrors drivers/vfio/device_cdev.c (6.6; the BIND token and PASID flags of
+later kernels behind ``KernelVersion.has_bind_token``).
+"""
+
+from __future__ import annotations
+
+import errno
+
+from fakedev.kernel.errors import KernelError
+from fakedev.kernel.file import File
+from fakedev.kernel.task import Task
+from fakedev.uapi import consts as C
+from fakedev.uapi import structs as S
+
+from . import group as vgroup
+from . import iommufd as viommufd
+from .vfio_main import VfioDevice, VfioDeviceFile, vfio_df_close, vfio_df_open
+
+
+def vfio_device_fops_cdev_open(device: VfioDevice, task: Task) -> VfioDeviceFile:
+    """Models vfio_device_fops_cdev_open(): always succeeds; no access until BIND."""
+    df = VfioDeviceFile(device, None, task.pid)
+    device.cdev_files.append(df)
+    return df
+
+
+def vfio_df_ioctl_bind_iommufd(df: VfioDeviceFile, task: Task, arg: int) -> int:
+    """Models vfio_df_ioctl_bind_iommufd(), in the kernel's order of checks."""
+    device = df.device
+    lay = S.VFIO_DEVICE_BIND_IOMMUFD
+    minsz = lay.offsetofend("out_devid")
+    bind = lay.unpack(task.read(arg, minsz), partial=True)
+    flags_ok = C.VFIO_DEVICE_BIND_FLAG_TOKEN if device.vfio.version.has_bind_token else 0
+    if bind["argsz"] < minsz or bind["flags"] & ~flags_ok or bind["iommufd"] < 0:
+        raise KernelError(errno.EINVAL)
+    token: bytes | None = None
+    if bind["flags"] & C.VFIO_DEVICE_BIND_FLAG_TOKEN:
+        xend = lay.offsetofend("token_uuid_ptr")
+        if bind["argsz"] < xend:
+            raise KernelError(errno.EINVAL)
+        ptr = int.from_bytes(task.read(arg + minsz, 8), "little")
+        token = task.read(ptr, 16)
+    if df.group is not None:
+        raise KernelError(errno.EINVAL, "BIND is only for cdev fds")
+    vgroup.vfio_device_block_group(device)  # EBUSY while the group is open
+    try:
+        if df.access_granted:
+            raise KernelError(errno.EINVAL, "this fd is already bound")
+        f = task.fget(bind["iommufd"])  # EBADF
+        try:
+            ictx = viommufd.ctx_from_file(f)
+        finally:
+            if not isinstance(f, File):
+                f.close()
+        if ictx is None:
+            raise KernelError(errno.EBADFD, "not an iommufd")
+        df.iommufd = ictx
+        try:
+            if token is not None:
+                device.match_token(token)
+            vfio_df_open(df, task)
+            try:
+                task.write(arg + lay.field("out_devid").offset, df.devid.to_bytes(4, "little"))
+            except KernelError:
+                vfio_df_close(df, task)
+                raise
+        except KernelError:
+            ictx.put()
+            df.iommufd = None
+            df.devid = 0
+            raise
+    except KernelError:
+        vgroup.vfio_device_unblock_group(device)
+        raise
+    device.cdev_opened = True
+    df.access_granted = True
+    return 0
+
+
+def vfio_df_unbind_iommufd(df: VfioDeviceFile) -> None:
+    """Models vfio_df_unbind_iommufd(): close at the last close of a bound cdev fd."""
+    if not df.access_granted:
+        return
+    device = df.device
+    vfio_df_close(df, None)
+    if df.iommufd is not None:
+        df.iommufd.put()
+        df.iommufd = None
+    device.cdev_opened = False
+    df.access_granted = False
+    vgroup.vfio_device_unblock_group(device)
+
+
+def vfio_df_ioctl_attach_pt(df: VfioDeviceFile, task: Task, arg: int) -> int:
+    """Models vfio_df_ioctl_attach_pt(): pt_id := the resulting hwpt id."""
+    device = df.device
+    lay = S.VFIO_DEVICE_ATTACH_IOMMUFD_PT
+    minsz = lay.offsetofend("pt_id")
+    attach = lay.unpack(task.read(arg, minsz), partial=True)
+    pasid_ok = device.vfio.version.has_bind_token
+    if attach["argsz"] < minsz:
+        raise KernelError(errno.EINVAL)
+    if attach["flags"] & ~(C.VFIO_DEVICE_ATTACH_PASID if pasid_ok else 0):
+        raise KernelError(errno.EINVAL)
+    if attach["flags"] & C.VFIO_DEVICE_ATTACH_PASID:
+        raise KernelError(errno.EOPNOTSUPP, "no PASID support")
+    pt = viommufd.vfio_iommufd_physical_attach_ioas(device, attach["pt_id"])
+    try:
+        task.write(arg + lay.field("pt_id").offset, pt.to_bytes(4, "little"))
+    except KernelError:
+        # as the kernel does (out_detach), even when the attach was a replace
+        viommufd.vfio_iommufd_physical_detach_ioas(device)
+        raise
+    return 0
+
+
+def vfio_df_ioctl_detach_pt(df: VfioDeviceFile, task: Task, arg: int) -> int:
+    """Models vfio_df_ioctl_detach_pt(): detaching an unattached device succeeds."""
+    device = df.device
+    lay = S.VFIO_DEVICE_DETACH_IOMMUFD_PT
+    minsz = lay.offsetofend("flags")
+    detach = lay.unpack(task.read(arg, minsz), partial=True)
+    pasid_ok = device.vfio.version.has_bind_token
+    if detach["argsz"] < minsz:
+        raise KernelError(errno.EINVAL)
+    if detach["flags"] & ~(C.VFIO_DEVICE_DETACH_PASID if pasid_ok else 0):
+        raise KernelError(errno.EINVAL)
+    if detach["flags"] & C.VFIO_DEVICE_DETACH_PASID:
+        raise KernelError(errno.EOPNOTSUPP, "no PASID support")
+    viommufd.vfio_iommufd_physical_detach_ioas(device)
+    return 0
