@@ -949,7 +949,14 @@ class Supervisor:
         return Return(0)
 
     def _reply(self, call: Call, decision: Decision) -> None:
-        listener = call._listener
+        """Answer ``call``; whatever goes wrong, the caller gets an answer (EIO)."""
+        try:
+            self._reply_as(call, decision)
+        except Exception:
+            log.exception("cannot answer %r with %r; answering EIO", call, decision)
+            self._send(call, (call.id, 0, -E.EIO, 0))
+
+    def _reply_as(self, call: Call, decision: Decision) -> None:
         if isinstance(decision, InstallFd):
             addfd = ctypes.create_string_buffer(
                 _ADDFD.pack(
@@ -961,11 +968,12 @@ class Supervisor:
                 ),
                 _ADDFD.size,
             )
+            ret = _ioctl(call._listener, SECCOMP_IOCTL_NOTIF_ADDFD, addfd)
+            err = ctypes.get_errno()
             try:
-                ret = _ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, addfd)
-                err = ctypes.get_errno()
-            finally:
                 os.close(decision.fd)
+            except OSError:
+                log.error("InstallFd(%d) for %r: not an open fd of ours", decision.fd, call)
             if ret >= 0:
                 self.answered += 1
                 return
@@ -974,16 +982,19 @@ class Supervisor:
                 return
             log.error("ADDFD for %r failed: %s; answering the errno", call, os.strerror(err))
             decision = Error(err)
-        if isinstance(decision, CharDevice):  # only meaningful for stat calls
-            decision = Error(E.EINVAL)
         if isinstance(decision, Continue):
             resp = (call.id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
         elif isinstance(decision, Return):
             resp = (call.id, decision.value, 0, 0)
-        else:
+        elif isinstance(decision, Error) and 0 < decision.errno < 4096:
             resp = (call.id, 0, -decision.errno, 0)
+        else:  # CharDevice outside stat mode, a bad errno, not a Decision at all
+            raise TypeError(f"not a valid answer to {call.syscall}: {decision!r}")
+        self._send(call, resp)
+
+    def _send(self, call: Call, resp: tuple[int, int, int, int]) -> None:
         buf = ctypes.create_string_buffer(_RESP.pack(*resp), _RESP.size)
-        if _ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, buf) < 0:
+        if _ioctl(call._listener, SECCOMP_IOCTL_NOTIF_SEND, buf) < 0:
             err = ctypes.get_errno()
             if err != E.ENOENT:
                 log.error("NOTIF_SEND for %r failed: %s", call, os.strerror(err))

@@ -347,6 +347,19 @@ async def test_interrupted_call_is_restarted_and_the_stale_fd_dropped(
     assert device.read_bytes() == b"ping"
 
 
+@pytest.mark.parametrize(
+    "bad", [None, Error(0), Error(5000), CharDevice(1, 1), sv.Return(1 << 70), InstallFd(1 << 30)]
+)
+async def test_invalid_decisions_answer_eio(probe: Path, tmp_path: Path, bad: Any) -> None:
+    group = tmp_path / "13"
+    group.write_bytes(b"")
+    _status, out, _ = await run(
+        [str(probe), "getfd", NAME.decode(), str(group)], Recorder(lambda *a: bad), tmp=tmp_path
+    )
+    expected = errno.EBADF if isinstance(bad, InstallFd) else errno.EIO  # ADDFD's own errno
+    assert out["getfd"] == ["-1", str(expected)]
+
+
 async def test_error_and_return_decisions(probe: Path, tmp_path: Path) -> None:
     group = tmp_path / "13"
     group.write_bytes(b"")
