@@ -333,3 +333,30 @@ def test_hw_info_errors_and_6_6_size() -> None:
     assert m.call("IOMMU_GET_HW_INFO", size=40, dev_id=idev.obj_id, out_capabilities=1)[0] == errno.E2BIG
     err, out = m.call("IOMMU_GET_HW_INFO", size=40, dev_id=idev.obj_id)
     assert err == 0 and out["data_len"] == 24
+
+
+# -- device DMA view ------------------------------------------------------------------------
+def test_device_dma_translate_follows_attachment() -> None:
+    from fakedev.kernel.iommufd import iommufd_device_dma_translate
+
+    m = Machine()
+    ioas = m.ioas()
+    d = m.bind(2)
+    buf = m.proc.alloc(0x2000)
+    m.ok("IOMMU_IOAS_MAP", flags=C.IOMMU_IOAS_MAP_READABLE | FIXED, ioas_id=ioas, user_va=buf, length=0x2000,
+         iova=0x100000)
+    assert kerr(iommufd_device_dma_translate, d, 0x100000, 4) == errno.ENOENT  # blocked
+    iommufd_device_attach(d, ioas)
+    (piece,) = iommufd_device_dma_translate(d, 0x101000, 0x10)
+    assert (piece.pid, piece.addr, piece.prot) == (m.proc.pid, buf + 0x1000, 1)
+    assert kerr(iommufd_device_dma_translate, d, 0x101ff0, 0x20) == errno.ENOENT
+    iommufd_device_detach(d)
+    assert kerr(iommufd_device_dma_translate, d, 0x100000, 4) == errno.ENOENT
+
+
+def test_invariants_catch_group_domain_mismatch() -> None:
+    m = Machine()
+    iommufd_device_attach(m.bind(2), m.ioas())
+    m.check()
+    m.g(2).domain = BLOCKING_DOMAIN
+    assert any("domain" in s for s in iommufd_check_invariants(m.ctx))

@@ -397,3 +397,25 @@ def test_cut_splits_areas() -> None:
     assert pages.users == 3
     assert iopt.unmap_iova(0x11000, 0x2000) == 0x2000
     assert iopt.check_invariants("t") == []
+
+
+def test_fixed_map_needs_page_offset_aligned_to_ioas_alignment() -> None:
+    env = Env()
+    ioas = env.ioas()
+    env.ok("IOMMU_OPTION", option_id=1, op=0, object_id=ioas, val64=0)  # alignment 4096
+    assert mapf(env, ioas, 0x1000, iova=0x10000, user_va=0x20010)[0] == errno.EINVAL
+    assert mapf(env, ioas, 0x1000, iova=0x10000, user_va=0x20000)[0] == 0
+
+
+def test_eperm_comes_after_iova_checks() -> None:
+    env = Env()
+    src = env.ioas()
+    assert mapf(env, src, 0x1000, iova=0x10000, flags=R)[0] == 0
+    args = {"src_ioas_id": src, "dst_ioas_id": src, "src_iova": 0x10000, "length": 0x1000}
+    assert env.call("IOMMU_IOAS_COPY", flags=RW | FIXED, dst_iova=0x10000, **args)[0] == errno.EEXIST
+    assert env.call("IOMMU_IOAS_COPY", flags=RW | FIXED, dst_iova=0x20000, **args)[0] == errno.EPERM
+    assert env.call("IOMMU_IOAS_COPY", flags=R | FIXED, dst_iova=0x20000, **args)[0] == 0
+
+
+def test_v66_is_default_env_version() -> None:
+    assert Env().ctx.version == V66

@@ -44,6 +44,9 @@ re-exported from this package; failures raise ``KernelError``:
 - ``iommufd_translate(ictx, ioas_id, iova, length) -> list[DmaPiece]``: the
   backing (pid + user address, or file + offset) of an IOVA range, for DMA
   emulation; ENOENT if any byte is unmapped.
+- ``iommufd_device_dma_translate(idev, iova, length) -> list[DmaPiece]``: the
+  same through the device's attached HWPT (ENOENT when not attached: DMA is
+  blocked). ``DmaPiece.prot`` has IOMMU_READ (1) / IOMMU_WRITE (2).
 - ``iommufd_check_invariants(ctx) -> list[str]``: [] when consistent.
 """
 
@@ -53,6 +56,7 @@ from fakedev.kernel.iommufd.device import (
     iommufd_device_attach,
     iommufd_device_bind,
     iommufd_device_detach,
+    iommufd_device_dma_translate,
     iommufd_device_replace,
     iommufd_device_unbind,
 )
@@ -85,6 +89,7 @@ __all__ = [
     "iommufd_device_attach",
     "iommufd_device_bind",
     "iommufd_device_detach",
+    "iommufd_device_dma_translate",
     "iommufd_device_replace",
     "iommufd_device_unbind",
     "iommufd_fops_open",

@@ -22,6 +22,7 @@ from fakedev.kernel.iommu import (
     iommu_device_release_dma_owner,
 )
 from fakedev.kernel.iommufd.hw_pagetable import HwPagetable, iommufd_hw_pagetable_alloc
+from fakedev.kernel.iommufd.io_pagetable import DmaPiece
 from fakedev.kernel.iommufd.ioas import Ioas
 from fakedev.kernel.iommufd.main import IommufdCtx, IommufdObject, ObjType, Ucmd
 from fakedev.kernel.pci import PciDev
@@ -250,6 +251,17 @@ def iommufd_ctx_has_group(ictx: IommufdCtx | None, group: IommuGroup | None) -> 
     if ictx is None or group is None:
         return False
     return any(isinstance(o, IommufdDevice) and o.group is group for o in ictx.objects.values())
+
+
+def iommufd_device_dma_translate(idev: IommufdDevice, iova: int, length: int) -> list[DmaPiece]:
+    """What a DMA by ``idev`` at [iova, iova+length) reaches, through its HWPT's IOAS.
+
+    ENOENT when the device is not attached (DMA blocked) or a byte is unmapped;
+    callers check ``DmaPiece.prot`` for the direction.
+    """
+    if idev.hwpt is None:
+        raise KernelError(errno.ENOENT, "device DMA is blocked (not attached)")
+    return idev.hwpt.ioas.iopt.translate(iova, length)
 
 
 def iommufd_get_hw_info(ucmd: Ucmd) -> int:

@@ -233,8 +233,6 @@ class IoPagetable:
         total = sum(n for _, _, n in elems)
         if total == 0:
             raise KernelError(errno.EINVAL, "zero length")
-        if prot & IOMMU_WRITE and not all(p.writable for p, _, _ in elems):
-            raise KernelError(errno.EPERM, "write access to read-only pages")
         if iova is None:
             first, off, _ = elems[0]
             addr = (first.start if first.is_file else first.uptr) + off
@@ -243,6 +241,13 @@ class IoPagetable:
             if total & (self.iova_alignment - 1):
                 raise KernelError(errno.EINVAL, "length not aligned")
             self.check_iova(iova, total)
+        # iopt_insert_area(): per-area checks
+        for pages, off, _ in elems:
+            base = pages.start if pages.is_file else pages.uptr
+            if ((base + off) % PAGE_SIZE) & (self.iova_alignment - 1):
+                raise KernelError(errno.EINVAL, "page offset not aligned to the IOAS alignment")
+            if prot & IOMMU_WRITE and not pages.writable:
+                raise KernelError(errno.EPERM, "write access to read-only pages")
         cur = iova
         for pages, off, n in elems:
             pages.get()

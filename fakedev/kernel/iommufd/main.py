@@ -324,6 +324,8 @@ def _last_nr(kver: KernelVersion) -> int:
     """The last nr of the kernel's op table (what is past it goes to VFIO compat)."""
     if kver.has_change_process:
         return 0x92
+    if kver.has_map_file:
+        return 0x91  # IOMMU_VDEVICE_ALLOC
     if kver.at_least(6, 11):
         return 0x8E  # IOMMU_FAULT_QUEUE_ALLOC
     if kver.at_least(6, 8):
@@ -463,6 +465,13 @@ def iommufd_check_invariants(ctx: IommufdCtx) -> list[str]:
             want = obj.users
         if obj.users != want:
             out.append(f"object {oid} ({obj.type.value}) has users {obj.users}, expected {want}")
+    for gid, ig in ctx.igroups.items():
+        if ig.group.id != gid or ig.bound <= 0:
+            out.append(f"iommufd group record {gid} is stale")
+        if (ig.hwpt is None) != (not ig.devices):
+            out.append(f"iommu group {gid}: hwpt {ig.hwpt!r} with attached devices {ig.devices}")
+        if ig.hwpt is not None and ig.group.domain is not ig.hwpt:
+            out.append(f"iommu group {gid}: attached to hwpt {ig.hwpt.obj_id} but domain is {ig.group.domain!r}")
     if ctx.vfio_ioas is not None and ctx.objects.get(ctx.vfio_ioas.obj_id) is not ctx.vfio_ioas:
         out.append("compat ioas is not in the object table")
     if ctx.refs < ndev:
