@@ -151,28 +151,50 @@ def _node_by_path(nodes: Sequence[DevNode]) -> dict[str, DevNode]:
 
 
 class _Writer:
-    def __init__(self, root: Path) -> None:
-        self.sys = root / "sys"
+    """Creates entries under ``<root>/sys``; remembers directories it made."""
 
-    def dir(self, rel: str) -> Path:
-        p = self.sys / rel
-        p.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path) -> None:
+        self.sys = os.path.join(os.fspath(root), "sys")
+        self.made: set[str] = set()
+        mask = os.umask(0)
+        os.umask(mask)
+        self.umask = mask
+
+    def dir(self, rel: str) -> str:
+        p = os.path.join(self.sys, rel)
+        if p not in self.made:
+            os.makedirs(p, exist_ok=True)
+            self.made.add(p)
         return p
 
     def file(self, rel: str, content: str | bytes, mode: int = 0o444) -> None:
-        p = self.sys / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
+        parent, _, _ = rel.rpartition("/")
+        self.dir(parent)
+        p = os.path.join(self.sys, rel)
         data = content.encode() if isinstance(content, str) else content
-        p.write_bytes(data)
-        os.chmod(p, mode)
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        except PermissionError:  # a read-only file from an earlier generation
+            os.unlink(p)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.write(fd, data)
+            if mode & self.umask:
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
     def link(self, rel: str, target_rel_to_sys: str) -> None:
         """Symlink at ``rel`` pointing (relatively) at ``target`` (both under /sys)."""
-        p = self.sys / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if p.is_symlink() or p.exists():
-            p.unlink()
-        os.symlink(rel_link(os.path.dirname(rel), target_rel_to_sys), p)
+        parent, _, _ = rel.rpartition("/")
+        self.dir(parent)
+        p = os.path.join(self.sys, rel)
+        text = rel_link(parent, target_rel_to_sys)
+        try:
+            os.symlink(text, p)
+        except FileExistsError:
+            os.unlink(p)
+            os.symlink(text, p)
 
 
 def generate_sysfs(
