@@ -172,7 +172,7 @@ def snapshot(w: World) -> Any:
     return (
         copy.deepcopy(w.k.describe()),
         len(w.k.reset_log),
-        {p: sorted(proc.fds) for p, proc in w.procs.items()},
+        {p: sorted(proc.fds) for p, proc in w.procs.items() if proc.fds},
     )
 
 

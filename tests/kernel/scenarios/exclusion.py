@@ -121,8 +121,9 @@ SCENARIOS += [
     Scenario("excl-shared-same-iommufd-other-process", SHARED, BOTH, [
         *cdev_bound(),
         Open("q", cdev_path(F1), "d1"),
-        bind("q", "d1", 3, err=E.EBADF),
-    ], doc="another process cannot name p's iommufd"),
+        bind("q", "d1", 99, err=E.EBADF),
+        bind("q", "d1", 3, err=E.EBADFD),
+    ], doc="another process cannot name p's iommufd (q's fd 3 is its own cdev)"),
     Scenario("excl-shared-group-path-then-other-func-bind", SHARED, BOTH, [
         *group_container("q", bdfs=(F0,)),
         get_device_fd("q", "g0", F0, save_fd="qd"),

@@ -114,13 +114,13 @@ SCENARIOS: list[Scenario] = [
         *cdev_bound(), hot_reset_info("p", "d0", argsz=11, err=E.EINVAL),
     ]),
     Scenario("hr-cdev-flr-device-alone", FLR, BOTH, [
-        *cdev_bound(L0, devid=1),
+        *cdev_bound(bdf=L0, devid=1),
         hot_reset_info("p", "d0", argsz=28, count=1, out_flags=3, entries=[entry(1, L0), UNTOUCHED]),
         MarkResets(),
         hot_reset("p", "d0", []), Resets(L0),
     ], doc="single function behind a root port: bus reset of one"),
     Scenario("hr-hotplug-slot-cdev", HOTPLUG, BOTH, [
-        *cdev_bound(H0, devid=1),
+        *cdev_bound(bdf=H0, devid=1),
         hot_reset_info("p", "d0", argsz=28, count=2, out_flags=1,
                        entries=[entry(1, H0), entry(NOT_OWNED, H1)]),
         hot_reset("p", "d0", [], err=E.EINVAL),
@@ -139,7 +139,7 @@ SCENARIOS: list[Scenario] = [
     ]),
     # -- root bus: ENODEV ----------------------------------------------
     Scenario("hr-root-bus-cdev-enodev", ROOT, BOTH, [
-        *cdev_bound(R0, devid=1),
+        *cdev_bound(bdf=R0, devid=1),
         hot_reset_info("p", "d0", argsz=28, err=E.ENODEV),
         hot_reset("p", "d0", [], err=E.ENODEV),
         hot_reset("p", "d0", [], count=1, argsz=16, err=E.EINVAL),
@@ -153,7 +153,7 @@ SCENARIOS: list[Scenario] = [
         hot_reset("p", "gd0", [], err=E.EINVAL),
     ]),
     Scenario("hr-root-bus-info-argsz-before-enodev", ROOT, BOTH, [
-        *cdev_bound(R0, devid=1),
+        *cdev_bound(bdf=R0, devid=1),
         hot_reset_info("p", "d0", argsz=8, err=E.EINVAL),
     ]),
     # -- host driver on the bus -----------------------------------------
@@ -325,11 +325,22 @@ SCENARIOS += [
         hot_reset("p", "gd0", ["g13", "g14"], err=E.EBUSY),
         NoResets(),
     ]),
-    Scenario("hr-ownership-checked-before-memory-lock", DUAL, BOTH, [
+    Scenario("hr-ownership-checked-before-memory-lock-6.6", DUAL, V66, [
         *cdev_bound(devid=1), MarkResets(),
         SetHook("memory_lock_contended", {F0}),
         hot_reset("p", "d0", [], err=E.EINVAL),
-    ], doc="SPEC 4.7: the not-owned check comes first for each device"),
+    ], doc="SPEC 4.7 (6.6-6.9): every device is proven owned (first pass) before any memory_lock"),
+    Scenario("hr-memory-lock-per-device-in-loop-6.12", DUAL, V612, [
+        *cdev_bound(devid=1), MarkResets(),
+        SetHook("memory_lock_contended", {F0}),
+        hot_reset("p", "d0", [], err=E.EBUSY),
+    ], doc="later kernels: owned check and memory_lock trylock per device in one loop, 01:00.0 first"),
+    Scenario("hr-not-owned-second-member-before-its-lock", DUAL, BOTH, [
+        *cdev_bound(devid=1), MarkResets(),
+        SetHook("memory_lock_contended", {F1}),
+        hot_reset("p", "d0", [], err=E.EINVAL),
+        NoResets(),
+    ]),
     Scenario("hr-reset-errno-hook", DUAL, BOTH, [
         *_both_bound(), MarkResets(),
         SetHook("reset_errno", {F0: E.EIO}),
@@ -343,13 +354,13 @@ SCENARIOS += [
         NoResets(),
     ], doc="SPEC 3.8 RESET: !reset_works -> EINVAL (multi-function bus, no FLR)"),
     Scenario("device-reset-flr", FLR, BOTH, [
-        *cdev_bound(L0, devid=1), MarkResets(),
+        *cdev_bound(bdf=L0, devid=1), MarkResets(),
         device_reset("p", "d0"),
         Resets(L0),
         device_info("p", "d0", out={"flags": C.VFIO_DEVICE_FLAGS_PCI | C.VFIO_DEVICE_FLAGS_RESET}),
     ], doc="SPEC 3.8 RESET"),
     Scenario("device-reset-flr-device-lock-eagain", FLR, BOTH, [
-        *cdev_bound(L0, devid=1), MarkResets(),
+        *cdev_bound(bdf=L0, devid=1), MarkResets(),
         SetHook("device_lock_contended", {L0}),
         device_reset("p", "d0", err=E.EAGAIN),
         NoResets(),
@@ -360,7 +371,7 @@ SCENARIOS += [
     ], doc="SPEC 3.7"),
     Scenario("flr-open-resets-function", FLR, BOTH, [
         MarkResets(),
-        *cdev_bound(L0, devid=1),
+        *cdev_bound(bdf=L0, devid=1),
         Resets(L0),
     ], doc="vfio_pci_core_enable: pci_try_reset_function at first open"),
 ]
