@@ -280,11 +280,17 @@ def test_replace_msi_clash_changes_nothing() -> None:
         (V66, {"pt_id": 99}, errno.ENOENT),
         (V66, {"pt_id": 2}, errno.ENOENT),  # a device is not an IOAS
         (V67, {"flags": 4}, errno.EOPNOTSUPP),
-        (V67, {"data_len": 8}, errno.EINVAL),
-        (V67, {"flags": C.IOMMU_HWPT_ALLOC_DIRTY_TRACKING}, errno.EOPNOTSUPP),
-        (V67, {"pt_id": 2}, errno.EINVAL),
-        (V67, {"pt_id": 3}, errno.EOPNOTSUPP),  # nesting on a HWPT
+        (V67, {"__reserved": 1}, errno.EOPNOTSUPP),
+        (V67, {"data_type": 1}, errno.EINVAL),  # type without data
+        (V67, {"flags": C.IOMMU_HWPT_ALLOC_NEST_PARENT, "data_type": 1, "data_len": 8}, errno.EINVAL),
+        (V67, {"dev_id": 99}, errno.ENOENT),
+        (V67, {"pt_id": 99}, errno.EINVAL),  # 6.7+: unknown pt_id is EINVAL
+        (V67, {"pt_id": 2}, errno.EINVAL),  # a device
+        (V67, {"pt_id": 3}, errno.EINVAL),  # nesting needs data
+        (V67, {"pt_id": 3, "data_type": 1, "data_len": 8}, errno.EINVAL),  # parent not NEST_PARENT
+        (V67, {"data_len": 8}, errno.EOPNOTSUPP),
         (V67, {"data_type": 1, "data_len": 8}, errno.EOPNOTSUPP),
+        (V67, {"flags": C.IOMMU_HWPT_ALLOC_DIRTY_TRACKING}, errno.EOPNOTSUPP),
         (V66, {}, 0),
         (V67, {"flags": C.IOMMU_HWPT_ALLOC_NEST_PARENT}, 0),
     ],
@@ -360,3 +366,14 @@ def test_invariants_catch_group_domain_mismatch() -> None:
     m.check()
     m.g(2).domain = BLOCKING_DOMAIN
     assert any("domain" in s for s in iommufd_check_invariants(m.ctx))
+
+
+def test_nested_hwpt_on_nest_parent_is_eopnotsupp() -> None:
+    m = Machine(V67)
+    ioas = m.ioas()
+    idev = m.bind(2)
+    parent = m.ok("IOMMU_HWPT_ALLOC", dev_id=idev.obj_id, pt_id=ioas,
+                  flags=C.IOMMU_HWPT_ALLOC_NEST_PARENT)["out_hwpt_id"]
+    err, _ = m.call("IOMMU_HWPT_ALLOC", dev_id=idev.obj_id, pt_id=parent, data_type=1, data_len=8, data_uptr=0x1000)
+    assert err == errno.EOPNOTSUPP
+    assert set(m.ctx.objects) == {ioas, idev.obj_id, parent}

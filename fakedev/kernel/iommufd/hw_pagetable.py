@@ -68,6 +68,33 @@ def iommufd_hw_pagetable_alloc(ictx: IommufdCtx, ioas: Ioas, auto_domain: bool) 
     return hwpt
 
 
+def _hwpt_alloc_checks_6_7(ucmd: Ucmd) -> Ioas:
+    """The 6.7+ checks: pt_id may name an IOAS or a (nesting parent) HWPT.
+
+    An unknown or wrong-kind ``pt_id`` is EINVAL here (ENOENT in 6.6). The
+    modelled IOMMU has no driver data for paging domains, no dirty tracking
+    and no nested domains (EOPNOTSUPP).
+    """
+    cmd, ictx = ucmd.cmd, ucmd.ictx
+    if not cmd["data_len"] and cmd["data_type"] != C.IOMMU_HWPT_DATA_NONE:
+        raise KernelError(errno.EINVAL, "data_type without data")
+    if cmd["flags"] & C.IOMMU_HWPT_ALLOC_NEST_PARENT and cmd["data_type"] != C.IOMMU_HWPT_DATA_NONE:
+        raise KernelError(errno.EINVAL, "a nesting parent takes no driver data")
+    ictx.get_device(cmd["dev_id"])
+    pt = ictx.objects.get(cmd["pt_id"])
+    if isinstance(pt, Ioas):
+        if cmd["data_len"]:
+            raise KernelError(errno.EOPNOTSUPP, "driver data for a paging domain")
+        if cmd["flags"] & C.IOMMU_HWPT_ALLOC_DIRTY_TRACKING:
+            raise KernelError(errno.EOPNOTSUPP, "IOMMU has no dirty tracking")
+        return pt
+    if isinstance(pt, HwPagetable):
+        if cmd["data_type"] == C.IOMMU_HWPT_DATA_NONE or pt.auto_domain or not pt.nest_parent:
+            raise KernelError(errno.EINVAL, "not a valid nested HWPT request")
+        raise KernelError(errno.EOPNOTSUPP, "nested HWPTs are not supported by this IOMMU")
+    raise KernelError(errno.EINVAL, f"pt_id {cmd['pt_id']} is neither an IOAS nor a HWPT")
+
+
 def iommufd_hwpt_alloc(ucmd: Ucmd) -> int:
     """Models iommufd_hwpt_alloc(): a manual HWPT (6.6 shape; 6.7+ flags and data)."""
     cmd, ictx = ucmd.cmd, ucmd.ictx
@@ -75,21 +102,10 @@ def iommufd_hwpt_alloc(ucmd: Ucmd) -> int:
     allowed = (C.IOMMU_HWPT_ALLOC_NEST_PARENT | C.IOMMU_HWPT_ALLOC_DIRTY_TRACKING) if new else 0
     if cmd["flags"] & ~allowed or cmd["__reserved"]:
         raise KernelError(errno.EOPNOTSUPP, "unsupported flags or __reserved set")
-    if new and cmd["data_type"] == C.IOMMU_HWPT_DATA_NONE and cmd["data_len"]:
-        raise KernelError(errno.EINVAL, "data_len without data_type")
-    ictx.get_device(cmd["dev_id"])
     if new:
-        pt = ictx.get_object(cmd["pt_id"])
-        if pt.type is ObjType.HWPT_PAGING:
-            raise KernelError(errno.EOPNOTSUPP, "nested HWPTs are not supported by this IOMMU")
-        if not isinstance(pt, Ioas):
-            raise KernelError(errno.EINVAL, "pt_id is neither an IOAS nor a HWPT")
-        ioas = pt
-        if cmd["data_type"] != C.IOMMU_HWPT_DATA_NONE:
-            raise KernelError(errno.EOPNOTSUPP, "driver data for a paging domain")
-        if cmd["flags"] & C.IOMMU_HWPT_ALLOC_DIRTY_TRACKING:
-            raise KernelError(errno.EOPNOTSUPP, "IOMMU has no dirty tracking")
+        ioas = _hwpt_alloc_checks_6_7(ucmd)
     else:
+        ictx.get_device(cmd["dev_id"])
         ioas = ictx.get_ioas(cmd["pt_id"])
     hwpt = iommufd_hw_pagetable_alloc(ictx, ioas, auto_domain=False)
     hwpt.nest_parent = bool(cmd["flags"] & C.IOMMU_HWPT_ALLOC_NEST_PARENT)
