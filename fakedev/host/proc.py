@@ -178,10 +178,29 @@ class HostContext:
         self.mount_dev: tuple[int, int] | None = None
 
 
-def _pidfd_getfd(pid: int, fd: int) -> int:
+PIDFD_THREAD = os.O_EXCL  # Linux 6.9+: a pidfd for any thread, not only a leader
+_pidfd_thread_ok = True
+
+
+def _pidfd_open(tid: int, tgid: Callable[[], int]) -> int:
+    """A pidfd for the caller: by thread id where the kernel allows, else by its tgid."""
+    global _pidfd_thread_ok
+    if _pidfd_thread_ok:
+        pidfd = _syscall(SYS_PIDFD_OPEN, ctypes.c_int(tid), ctypes.c_uint(PIDFD_THREAD))
+        if pidfd >= 0:
+            return int(pidfd)
+        if ctypes.get_errno() != errno.EINVAL:
+            raise KernelError(errno.EBADF, f"pidfd_open({tid}): {os.strerror(ctypes.get_errno())}")
+        _pidfd_thread_ok = False
+    pid = tgid()
     pidfd = _syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
     if pidfd < 0:
         raise KernelError(errno.EBADF, f"pidfd_open({pid}): {os.strerror(ctypes.get_errno())}")
+    return int(pidfd)
+
+
+def _pidfd_getfd(tid: int, fd: int, tgid: Callable[[], int]) -> int:
+    pidfd = _pidfd_open(tid, tgid)
     try:
         copy = _syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0))
         if copy < 0:
@@ -229,11 +248,13 @@ class ProcessTask:
         """fdget(): our model File for one of our opens, else a HostForeignFile."""
         if fd < 0:
             raise KernelError(errno.EBADF)
-        try:
-            pid = self.pid
-        except KernelError:
-            raise KernelError(errno.EBADF) from None
-        copy = _pidfd_getfd(pid, fd)
+        def tgid() -> int:
+            try:
+                return self.pid
+            except KernelError:
+                raise KernelError(errno.EBADF) from None
+
+        copy = _pidfd_getfd(self.tid, fd, tgid)
         try:
             ours = self.ctx.mount_dev is not None and fd_dev(copy) == self.ctx.mount_dev
             if ours:
