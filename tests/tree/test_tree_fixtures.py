@@ -215,3 +215,38 @@ def test_make_kernel_builds_a_kernel_over_the_topology() -> None:
     k = t.make_kernel()
     assert sorted(v.index for v in k.vfio_devices()) == [0, 1]
     assert {v.pdev.name: v.index for v in k.vfio_devices()} == vfio_index_for(t.topology)
+
+
+def test_documented_example_loads(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "device-tree.md").read_text()
+    block = doc.split("## Example\n")[1].split("\n## ")[0]
+    text = "\n".join(ln[4:] for ln in block.splitlines() if ln.startswith("    "))
+    p = tmp_path / "example.toml"
+    p.write_text(text)
+    t = load_tree(p)
+    d = t.topology.find("0000:01:00.0")
+    assert d is not None and d.has_flr and d.iommu_group == 13
+    assert [m.value for m in d.reset_methods()] == ["flr", "bus"]
+
+
+def test_derived_groups_follow_acs(tmp_path: Path) -> None:
+    text = (FIXTURES / "shared-group.toml").read_text().replace("iommu_group = 13\n", "")
+    p = tmp_path / "derived.toml"
+    p.write_text(text)
+    t = load_tree(p)
+    a, b = dev(t, "0000:01:00.0"), dev(t, "0000:01:00.1")
+    assert a.iommu_group == b.iommu_group  # no ACS: the functions share
+    assert a.iommu_group not in (None, 12)
+    p.write_text((FIXTURES / "dual-function-nic.toml").read_text().replace("iommu_group = 1", "#"))
+    t = load_tree(p)
+    groups = [d.iommu_group for d in t.topology.devices()]
+    assert len(set(groups)) == 3  # ACS on the port and both functions: one group each
+    # a root port without ACS pulls everything below it into its group
+    p.write_text(
+        (FIXTURES / "dual-function-nic.toml")
+        .read_text()
+        .replace("iommu_group = 1", "#")
+        .replace("capabilities.acs = true", "")
+    )
+    t = load_tree(p)
+    assert len({d.iommu_group for d in t.topology.devices()}) == 1
