@@ -73,6 +73,16 @@ class KernelVersion:
         """VFIO_TYPE1_NESTING_IOMMU still offered by type1 (removed in 6.13)."""
         return not self.at_least(6, 13)
 
+    @property
+    def hot_reset_single_pass_locking(self) -> bool:
+        """6.10+: hot reset checks ownership and trylocks memory_lock device by device.
+
+        Before (6.6-6.9, vma_lock era): a first pass checks ownership (and the
+        vma lock) of every member, a second pass trylocks each memory_lock, so a
+        not-owned member wins over a contended memory_lock.
+        """
+        return self.at_least(6, 10)
+
 
 MINIMUM = KernelVersion(6, 6)
 NEWEST = KernelVersion(6, 18)

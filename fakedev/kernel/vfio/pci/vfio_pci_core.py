@@ -602,12 +602,16 @@ def vfio_pci_dev_set_hot_reset(dev_set: VfioDeviceSet, groups: list[Any] | None,
 
     Every dev_set member, open or not, must be owned (cdev: devid > 0 or
     -ENOENT from vfio_iommufd_get_dev_id; group: its group file supplied), and
-    its memory_lock must be free (EBUSY), checked member by member in list order.
+    its memory_lock must be free (EBUSY). >= 6.10 checks both member by member
+    in list order; 6.6-6.9 checks every member's ownership first, then the
+    memory_locks (``hot_reset_single_pass_locking``).
     """
     pdev = vfio_pci_dev_set_resettable(dev_set)
     if pdev is None:
         raise KernelError(errno.EINVAL, "a function on the slot/bus is not bound to vfio-pci")
-    hooks = dev_set.device_list[0].vfio.hooks
+    vfio = dev_set.device_list[0].vfio
+    hooks = vfio.hooks
+    single_pass = vfio.version.hot_reset_single_pass_locking
     for vdev in dev_set.device_list:
         if ictx is not None:
             devid = viommufd.vfio_iommufd_get_dev_id(vdev, ictx)
@@ -616,8 +620,12 @@ def vfio_pci_dev_set_hot_reset(dev_set: VfioDeviceSet, groups: list[Any] | None,
             owned = vfio_dev_in_groups(vdev, groups)
         if not owned:
             raise KernelError(errno.EINVAL, f"{vdev.name} is not owned by the caller")
-        if vdev.name in hooks.memory_lock_contended:
+        if single_pass and vdev.name in hooks.memory_lock_contended:
             raise KernelError(errno.EBUSY, f"{vdev.name}: memory_lock contended")
+    if not single_pass:  # 6.6-6.9: the memory_lock pass after the ownership/vma_lock pass
+        for vdev in dev_set.device_list:
+            if vdev.name in hooks.memory_lock_contended:
+                raise KernelError(errno.EBUSY, f"{vdev.name}: memory_lock contended")
     _pci_reset_bus(dev_set, pdev, "VFIO_DEVICE_PCI_HOT_RESET", task.pid)
     return 0
 
