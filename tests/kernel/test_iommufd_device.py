@@ -288,7 +288,7 @@ def test_replace_msi_clash_changes_nothing() -> None:
         (V67, {"pt_id": 2}, errno.EINVAL),  # a device
         (V67, {"pt_id": 3}, errno.EINVAL),  # nesting needs data
         (V67, {"pt_id": 3, "data_type": 1, "data_len": 8}, errno.EINVAL),  # parent not NEST_PARENT
-        (V67, {"data_len": 8}, errno.EOPNOTSUPP),
+        (V67, {"data_len": 8}, errno.EINVAL),  # data without a type
         (V67, {"data_type": 1, "data_len": 8}, errno.EOPNOTSUPP),
         (V67, {"flags": C.IOMMU_HWPT_ALLOC_DIRTY_TRACKING}, errno.EOPNOTSUPP),
         (V66, {}, 0),

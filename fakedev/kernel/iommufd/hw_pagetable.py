@@ -76,8 +76,8 @@ def _hwpt_alloc_checks_6_7(ucmd: Ucmd) -> Ioas:
     and no nested domains (EOPNOTSUPP).
     """
     cmd, ictx = ucmd.cmd, ucmd.ictx
-    if not cmd["data_len"] and cmd["data_type"] != C.IOMMU_HWPT_DATA_NONE:
-        raise KernelError(errno.EINVAL, "data_type without data")
+    if (cmd["data_type"] == C.IOMMU_HWPT_DATA_NONE) != (cmd["data_len"] == 0):
+        raise KernelError(errno.EINVAL, "data_type and data_len disagree")
     if cmd["flags"] & C.IOMMU_HWPT_ALLOC_NEST_PARENT and cmd["data_type"] != C.IOMMU_HWPT_DATA_NONE:
         raise KernelError(errno.EINVAL, "a nesting parent takes no driver data")
     ictx.get_device(cmd["dev_id"])
