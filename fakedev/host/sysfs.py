@@ -52,11 +52,29 @@ _LINK_SPEEDS = {
 }
 
 
+#: /sys/module/<module>/parameters/<name> files VFIO users read (SPEC 5.4), at their defaults
+MODULE_PARAMETERS = {
+    "vfio/parameters/enable_unsafe_noiommu_mode": "N\n",
+    "vfio_iommu_type1/parameters/allow_unsafe_interrupts": "N\n",
+    "vfio_iommu_type1/parameters/dma_entry_limit": "65535\n",
+    "iommufd/parameters/allow_unsafe_interrupts": "N\n",
+    "vfio_pci/parameters/disable_idle_d3": "N\n",
+    "vfio_pci/parameters/disable_vga": "N\n",
+    "vfio_pci/parameters/disable_denylist": "N\n",
+    "vfio_pci/parameters/enable_sriov": "N\n",
+    "vfio_pci/parameters/nointxmask": "N\n",
+}
+
+
 def vfio_index_for(topology: PciTopology) -> dict[str, int]:
-    """vfioN of each vfio-pci function: probe (topology walk) order, from 0."""
+    """vfioN of each vfio-pci function: probe (topology walk) order, from 0.
+
+    A function without an iommu group gets no vfio device (vfio_pci_probe
+    fails without a group unless noiommu mode is on, which is not modelled).
+    """
     out: dict[str, int] = {}
     for dev in topology.devices():
-        if dev.driver == VFIO_PCI:
+        if dev.driver == VFIO_PCI and dev.iommu_group is not None:
             out[dev.name] = len(out)
     return out
 
@@ -210,6 +228,10 @@ def generate_sysfs(
               "class/vfio", "class/vfio-dev", "class/misc", "devices/virtual"):  # fmt: skip
         w.dir(d)
     w.file("bus/pci/drivers_autoprobe", "1\n", 0o644)
+    w.file("bus/pci/rescan", "", 0o200)
+    w.file("bus/pci/uevent", "", 0o200)
+    for rel, value in MODULE_PARAMETERS.items():
+        w.file(f"module/{rel}", value, 0o644)
     groups: dict[int, list[PciDev]] = {}
     drivers: set[str] = set()
     for rb in topology.root_buses:

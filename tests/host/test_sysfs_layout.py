@@ -252,3 +252,45 @@ def test_helpers() -> None:
     assert d is not None
     assert device_path(d) == "devices/pci0000:00/0000:00:1c.0/0000:01:00.0"
     assert modalias(d).startswith("pci:v00008086d000010C9")
+
+
+def test_module_parameters(nic: tuple[Path, PciTopology]) -> None:
+    sys, _ = nic
+    assert (sys / "module/vfio/parameters/enable_unsafe_noiommu_mode").read_text() == "N\n"
+    assert (sys / "module/vfio_iommu_type1/parameters/dma_entry_limit").read_text() == "65535\n"
+    assert (sys / "module/iommufd/parameters/allow_unsafe_interrupts").read_text() == "N\n"
+
+
+def test_function_without_group_gets_no_vfio_device(tmp_path: Path) -> None:
+    text = (FIXTURES / "dual-function-nic.toml").read_text()
+    text = text.replace("iommu_group = 13", 'iommu_group = "none"')
+    p = tmp_path / "nogroup.toml"
+    p.write_text(text)
+    t = load_tree(p)
+    assert vfio_index_for(t.topology) == {"0000:01:00.1": 0}
+    generate_sysfs(tmp_path, t.topology, [], vfio_index_for(t.topology))
+    d = tmp_path / "sys/bus/pci/devices/0000:01:00.0"
+    assert not (d / "iommu_group").exists() and not (d / "vfio-dev").exists()
+
+
+@pytest.mark.parametrize(
+    "fixture", ["dual-function-nic", "shared-group", "host-driver-sibling", "hotplug-slot"]
+)
+def test_sysfs_from_the_kernel_model(tmp_path: Path, fixture: str) -> None:
+    pytest.importorskip("fakedev.kernel.kernel")
+    t = load_tree(FIXTURES / f"{fixture}.toml")
+    k = t.make_kernel()
+    index = {v.pdev.name: v.index for v in k.vfio_devices()}
+    assert index == vfio_index_for(t.topology)
+    nodes = k.nodes()
+    generate_sysfs(tmp_path, t.topology, nodes, index)
+    sys = tmp_path / "sys"
+    by_path = {n.path: n for n in nodes}
+    for name, n in index.items():
+        node = by_path[f"vfio/devices/vfio{n}"]
+        dev_file = sys / "bus/pci/devices" / name / "vfio-dev" / f"vfio{n}" / "dev"
+        assert dev_file.read_text() == f"{node.major}:{node.minor}\n"
+    for path, node in by_path.items():
+        rest = path.removeprefix("vfio/")
+        if rest.isdigit():
+            assert (sys / "class/vfio" / rest / "dev").read_text() == f"{node.major}:{node.minor}\n"
