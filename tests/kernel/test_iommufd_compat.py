@@ -55,7 +55,7 @@ def unmap_dma(env: Env, iova: int, size: int, flags: int = 0, argsz: int = 24) -
     ("ext", "want"),
     [
         (C.VFIO_TYPE1_IOMMU, 1), (C.VFIO_TYPE1v2_IOMMU, 1), (C.VFIO_UNMAP_ALL, 1),
-        (C.VFIO_TYPE1_NESTING_IOMMU, 0), (C.VFIO_UPDATE_VADDR, 0), (C.VFIO_NOIOMMU_IOMMU, 0),
+        (C.VFIO_TYPE1_NESTING_IOMMU, 0), (C.VFIO_UPDATE_VADDR, 0), (C.VFIO_NOIOMMU_IOMMU, 1),
         (C.VFIO_SPAPR_TCE_IOMMU, 0), (1234, 0),
     ],
 )
@@ -139,7 +139,7 @@ def test_get_info_small_buffer_reports_size() -> None:
     rc, info, _ = read_info(env, 24)
     assert rc == 0
     assert info["flags"] == C.VFIO_IOMMU_INFO_PGSIZES | C.VFIO_IOMMU_INFO_CAPS
-    assert info["argsz"] == 24 + 32 + 16 and info["cap_offset"] == 0
+    assert info["argsz"] == 24 + 16 + 32 and info["cap_offset"] == 0
     assert info["iova_pgsizes"] == 0xFFFFFFFFFFFFF000
 
 
@@ -148,15 +148,33 @@ def test_get_info_caps_after_attach() -> None:
     iommufd_vfio_compat_ioas_create(m.ctx)
     iommufd_device_attach(m.bind(2), iommufd_vfio_compat_ioas_get_id(m.ctx))
     rc, info, raw = read_info(m, 256)
-    assert rc == 0 and info["argsz"] == 24 + 48 + 16 and info["cap_offset"] == 24
+    assert rc == 0 and info["argsz"] == 24 + 16 + 48 and info["cap_offset"] == 24
     assert info["iova_pgsizes"] == 0x40201000
-    cap = S.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE.unpack(raw[24:40])
+    avail = S.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL.unpack(raw[24:36])
+    assert avail == {"id": C.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, "version": 1, "next": 40, "avail": 0xFFFFFFFF}
+    cap = S.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE.unpack(raw[40:56])
     assert cap["id"] == C.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE and cap["version"] == 1
-    assert cap["nr_iovas"] == 2 and cap["next"] == 72
-    r = [S.VFIO_IOVA_RANGE.unpack(raw[40 + 16 * i: 56 + 16 * i]) for i in range(2)]
+    assert cap["nr_iovas"] == 2 and cap["next"] == 0
+    r = [S.VFIO_IOVA_RANGE.unpack(raw[56 + 16 * i: 72 + 16 * i]) for i in range(2)]
     assert [(x["start"], x["end"]) for x in r] == [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1)]
-    avail = S.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL.unpack(raw[72:84])
-    assert avail == {"id": C.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, "version": 1, "next": 0, "avail": 0xFFFFFFFF}
+
+
+def test_get_info_partial_buffer_gets_first_cap_only() -> None:
+    env = compat_env()
+    rc, info, raw = read_info(env, 40)
+    assert rc == 0 and info["argsz"] == 24 + 16 + 32 and info["cap_offset"] == 0
+    assert S.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL.unpack(raw[24:36])["next"] == 40
+    assert raw[40:72] == bytes(32)  # the IOVA cap did not fit
+
+
+def test_noiommu_set_iommu() -> None:
+    env = Env()
+    assert vcall(env, I.VFIO_SET_IOMMU, C.VFIO_NOIOMMU_IOMMU) == -errno.EINVAL
+    iommufd_vfio_compat_set_no_iommu(env.ctx)
+    assert vcall(env, I.VFIO_SET_IOMMU, C.VFIO_TYPE1v2_IOMMU) == -errno.EINVAL
+    assert vcall(env, I.VFIO_SET_IOMMU, C.VFIO_NOIOMMU_IOMMU) == 0
+    env.proc.caps = frozenset()
+    assert vcall(env, I.VFIO_SET_IOMMU, C.VFIO_NOIOMMU_IOMMU) == -errno.EPERM
 
 
 def test_vfio_ioas_ops() -> None:

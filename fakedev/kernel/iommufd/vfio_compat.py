@@ -20,6 +20,10 @@ from fakedev.uapi import consts as C
 from fakedev.uapi import ioctls as I
 from fakedev.uapi import structs as S
 
+#: the modelled kernel is built with CONFIG_VFIO_NOIOMMU=y (as distributions are)
+CONFIG_VFIO_NOIOMMU = True
+CAP_SYS_RAWIO = 17
+
 #: page sizes of the modelled VT-d domain (4K, 2M, 1G)
 DOMAIN_PGSIZE_BITMAP = 0x40201000
 PAGE_MASK = ~(PAGE_SIZE - 1) & ((1 << 64) - 1)
@@ -81,14 +85,20 @@ def iommufd_vfio_check_extension(ictx: IommufdCtx, type_: int) -> int:
     """Models iommufd_vfio_check_extension()."""
     if type_ in (C.VFIO_TYPE1_IOMMU, C.VFIO_TYPE1v2_IOMMU, C.VFIO_UNMAP_ALL):
         return 1
+    if type_ == C.VFIO_NOIOMMU_IOMMU:
+        return 1 if CONFIG_VFIO_NOIOMMU else 0
     if type_ == C.VFIO_DMA_CC_IOMMU:
         return iommufd_vfio_cc_iommu(ictx)
     return 0
 
 
-def iommufd_vfio_set_iommu(ictx: IommufdCtx, type_: int) -> int:
-    """Models iommufd_vfio_set_iommu(): TYPE1 turns off huge pages."""
-    if type_ not in (C.VFIO_TYPE1_IOMMU, C.VFIO_TYPE1v2_IOMMU):
+def iommufd_vfio_set_iommu(ictx: IommufdCtx, task: Task, type_: int) -> int:
+    """Models iommufd_vfio_set_iommu(): TYPE1 turns off huge pages; NOIOMMU in no-iommu mode."""
+    if CONFIG_VFIO_NOIOMMU and type_ == C.VFIO_NOIOMMU_IOMMU and ictx.no_iommu_mode:
+        if not task.capable(CAP_SYS_RAWIO):
+            raise KernelError(errno.EPERM, "no-iommu needs CAP_SYS_RAWIO")
+        return 0
+    if type_ not in (C.VFIO_TYPE1_IOMMU, C.VFIO_TYPE1v2_IOMMU) or ictx.no_iommu_mode:
         raise KernelError(errno.EINVAL, f"iommu type {type_} not supported")
     ioas = get_compat_ioas(ictx)
     if type_ == C.VFIO_TYPE1_IOMMU:
@@ -109,7 +119,7 @@ def iommufd_get_pagesizes(ioas: Ioas) -> int:
 
 
 def iommufd_vfio_iommu_get_info(ictx: IommufdCtx, task: Task, arg: int) -> int:
-    """Models iommufd_vfio_iommu_get_info(): IOVA_RANGE and DMA_AVAIL caps."""
+    """Models iommufd_vfio_iommu_get_info(): DMA_AVAIL then IOVA_RANGE caps, 8-aligned."""
     L = S.VFIO_IOMMU_TYPE1_INFO
     minsz = L.offsetofend("iova_pgsizes")
     info = L.unpack(task.read(arg, minsz), partial=True)
@@ -142,7 +152,7 @@ def iommufd_vfio_iommu_get_info(ictx: IommufdCtx, task: Task, arg: int) -> int:
 
     total = L.size
     last_cap: int | None = None
-    for fill in (fill_iova, fill_dma_avail):
+    for fill in (fill_dma_avail, fill_iova):
         if argsz > total:
             size = fill(arg + total, argsz - total)
         else:
@@ -204,7 +214,7 @@ def iommufd_vfio_ioctl(ictx: IommufdCtx, task: Task, cmd: int, arg: int) -> int:
     if cmd == I.VFIO_GET_API_VERSION:
         return C.VFIO_API_VERSION
     if cmd == I.VFIO_SET_IOMMU:
-        return iommufd_vfio_set_iommu(ictx, arg)
+        return iommufd_vfio_set_iommu(ictx, task, arg)
     if cmd == I.VFIO_CHECK_EXTENSION:
         return iommufd_vfio_check_extension(ictx, arg)
     if cmd == I.VFIO_IOMMU_GET_INFO:
