@@ -17,8 +17,12 @@ from pathlib import Path
 PathElem = str | int
 
 
-class TreeError(Exception):
-    """A device tree that cannot be loaded: names the file, line and field."""
+class TreeError(ValueError):
+    """A device tree that cannot be loaded: names the file, line and field.
+
+    ``str()`` is the whole message, ``"<file>:<line>: <field>: <problem>"``
+    (a ValueError, so callers that catch bad values catch it too).
+    """
 
     def __init__(self, file: Path | str, line: int, field: str, problem: str) -> None:
         self.file = Path(file)

@@ -116,7 +116,10 @@ class DeviceTree:
     description: str = ""
 
     def make_kernel(self) -> Kernel:
-        """A fresh kernel model over this topology (each call: a new machine state)."""
+        """A new kernel model (fresh VFIO/iommufd state) over this tree's topology.
+
+        The ``PciTopology`` object is shared with the kernel, not copied.
+        """
         from fakedev.kernel.kernel import Kernel
 
         return Kernel(self.topology, version=self.version)
