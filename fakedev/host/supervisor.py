@@ -59,6 +59,9 @@ Limits and consequences:
   the server of that mount): it uses the dcache and cached attributes only
   (``RESOLVE_CACHED``, ``AT_STATX_DONT_SYNC``) and moves to a worker thread
   when they are not enough. Handlers must follow the same rule.
+- A process tree has at most one listener: a program inside ``fakedev run``
+  that installs its own user-notification filter (a container runtime, a
+  sandbox) gets EBUSY. Plain filters (no listener) still stack.
 - Only x86_64 is supported (syscall numbers, struct stat layout).
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -332,7 +333,7 @@ async def test_interrupted_call_is_restarted_and_the_stale_fd_dropped(
                 [str(probe), "signal", NAME.decode(), str(group)], stdout=out
             )
             await first_in.wait()
-            proc.send_signal(10)  # SIGUSR1, SA_RESTART: the ioctl is restarted
+            proc.send_signal(signal.SIGUSR1)  # SA_RESTART: the ioctl is restarted
             await second_in.wait()
             release_first.set()
             status = await proc.wait()
@@ -436,19 +437,25 @@ async def test_pending_call_fails_when_supervisor_stops(probe: Path, tmp_path: P
 async def test_run_returns_when_the_tree_has_exited(probe: Path, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
-    sup = Supervisor(Recorder())
+    inheritable: list[bool] = []
+
+    def on_ioctl(call: Call, fd: int, cmd: int, arg: int) -> Decision:
+        # while a call waits, run() cannot end and the listener is open
+        assert sup.listener is not None
+        inheritable.append(os.get_inheritable(sup.listener))
+        return Continue()
+
+    sup = Supervisor(Recorder(on_ioctl))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sup.run)
             proc = await sup.start_process(
                 [str(probe), "other", str(plain)], stdout=subprocess.DEVNULL
             )
-            await sup.wait_ready()
-            assert sup.listener is not None
-            assert not os.get_inheritable(sup.listener)  # no other child may keep it open
             await proc.wait()
         # run() ended by itself: every holder of the filter is gone
     assert sup.answered == 1
+    assert inheritable == [False]  # no other child of ours may keep the listener open
 
 
 async def test_exec_failure_stops_run(tmp_path: Path) -> None:
@@ -674,3 +681,34 @@ async def test_no_new_privs_is_set_unless_asked_not_to(tmp_path: Path, no_new_pr
     )
     assert fields["NoNewPrivs"].strip() == ("1" if no_new_privs else "0")
     assert fields["Seccomp"].strip() == "2"  # filter mode
+
+
+NESTED = """
+import errno, sys
+from fakedev.host.supervisor import FilterConfig, install_filter
+try:
+    install_filter(FilterConfig(no_new_privs=True, ioctl_cmds=(0x1234,)))
+except OSError as e:
+    print("listener", e.errno)
+import ctypes
+from fakedev.host import supervisor as sv
+prog = sv._PreparedFilter(FilterConfig())
+plain = sv._syscall(
+    ctypes.c_long(sv.NR_SECCOMP), ctypes.c_long(sv.SECCOMP_SET_MODE_FILTER), ctypes.c_long(0),
+    ctypes.byref(prog._prog),
+)
+print("plain", plain)
+"""
+
+
+async def test_a_second_listener_in_the_tree_is_refused(tmp_path: Path) -> None:
+    out_path = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(out_path, "w") as out:
+        status = await sv.run_supervised(
+            [sys.executable, "-c", NESTED], Recorder(), stdout=out, env=env
+        )
+    assert status == 0
+    res = parse(out_path.read_text())
+    assert res["listener"] == [str(errno.EBUSY)]
+    assert res["plain"] == ["0"]
