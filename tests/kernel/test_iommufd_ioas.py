@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_iommufd_main import RW, V66, Env, kerr
 
 from fakedev.kernel.iommufd import iommufd_check_invariants, iommufd_translate
@@ -419,3 +421,59 @@ def test_eperm_comes_after_iova_checks() -> None:
 
 def test_v66_is_default_env_version() -> None:
     assert Env().ctx.version == V66
+
+
+# -- property: random map/unmap sequences against a plain reference -----------------------
+OPS = st.lists(
+    st.tuples(st.sampled_from(["map", "auto", "unmap"]), st.integers(0, 31), st.integers(1, 6)),
+    max_size=40,
+)
+
+@settings(max_examples=60, deadline=None)
+@given(OPS)
+def test_io_pagetable_matches_reference(ops: list[tuple[str, int, int]]) -> None:
+    pg = 0x1000
+    iopt = IoPagetable()
+    iopt.reserve(20 * pg, 21 * pg - 1, "r")
+    ref: list[tuple[int, int]] = []  # (first page, npages), the kernel's areas
+    for op, page, n in ops:
+        if op == "map":
+            s, e = page, page + n - 1
+            clash_r = s <= 20 <= e
+            clash_a = any(a <= e and s <= a + k - 1 for a, k in ref)
+            try:
+                iopt.map_pages([(Pages(n * pg, True, pid=1, uptr=0x100000), 0, n * pg)], page * pg, 3)
+                assert not clash_r and not clash_a
+                ref.append((page, n))
+            except Exception as exc:
+                assert getattr(exc, "errno", None) == (errno.EINVAL if clash_r else errno.EEXIST)
+        elif op == "auto":
+            try:
+                iova = iopt.map_pages([(Pages(n * pg, True, pid=1, uptr=0x100000), 0, n * pg)], None, 3)
+            except Exception as exc:
+                assert getattr(exc, "errno", None) == errno.ENOSPC
+                continue
+            first = iova // pg
+            assert iova % pg == 0 and iova >= pg
+            assert not (first <= 20 <= first + n - 1)
+            assert not any(a <= first + n - 1 and first <= a + k - 1 for a, k in ref)
+            ref.append((first, n))
+        else:
+            s, e = page, page + n - 1
+            hit = sorted(a for a in ref if a[0] <= e and s <= a[0] + a[1] - 1)
+            want_removed = []
+            want_err = 0 if hit else errno.ENOENT
+            for a in hit:
+                if a[0] < s or a[0] + a[1] - 1 > e:
+                    want_err = errno.ENOENT
+                    break
+                want_removed.append(a)
+            try:
+                got = iopt.unmap_iova(s * pg, n * pg)
+                assert want_err == 0 and got == sum(k for _, k in want_removed) * pg
+            except Exception as exc:
+                assert getattr(exc, "errno", None) == want_err
+            for a in want_removed:
+                ref.remove(a)
+        assert sorted((a.iova // pg, a.length // pg) for a in iopt.areas) == sorted(ref)
+        assert iopt.check_invariants("prop") == []
