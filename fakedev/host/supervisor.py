@@ -441,13 +441,7 @@ class Call:
     def pid(self) -> int:
         """Thread-group id of the calling thread (``Tgid:`` of /proc/<tid>/status)."""
         if self._pid is None:
-            with open(f"/proc/{self.tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Tgid:"):
-                        self._pid = int(line.split()[1])
-                        break
-            if self._pid is None:  # pragma: no cover - the kernel always has it
-                raise OSError(E.ESRCH, "no Tgid")
+            self._pid = _tgid(self.tid)
         return self._pid
 
     def is_valid(self) -> bool:
