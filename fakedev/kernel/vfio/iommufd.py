@@ -29,11 +29,9 @@ def ctx_from_file(f: object) -> Any:
 
 def compat_ioas_create(ictx: Any) -> None:
     """iommufd_vfio_compat_ioas_create() (SET_CONTAINER with an iommufd)."""
-    try:
-        from fakedev.kernel.iommufd import vfio_compat
-    except ImportError:  # pragma: no cover - the compat layer is not there yet
-        return
-    vfio_compat.iommufd_vfio_compat_ioas_create(ictx)
+    from fakedev.kernel.iommufd.vfio_compat import iommufd_vfio_compat_ioas_create
+
+    iommufd_vfio_compat_ioas_create(ictx)
 
 
 def vfio_iommufd_device_ictx(vdev: VfioDevice) -> Any:
@@ -126,9 +124,7 @@ def vfio_iommufd_physical_detach_ioas(vdev: VfioDevice) -> None:
 
 def vfio_iommufd_compat_attach_ioas(vdev: VfioDevice, ictx: Any) -> None:
     """Models vfio_iommufd_compat_attach_ioas(): attach to the compat IOAS (group path)."""
-    try:
-        from fakedev.kernel.iommufd import vfio_compat
-    except ImportError:  # pragma: no cover - compat layer not there yet
-        return
-    ioas_id = vfio_compat.iommufd_vfio_compat_ioas_get_id(ictx)
+    from fakedev.kernel.iommufd.vfio_compat import iommufd_vfio_compat_ioas_get_id
+
+    ioas_id = iommufd_vfio_compat_ioas_get_id(ictx)
     vfio_iommufd_physical_attach_ioas(vdev, ioas_id)
