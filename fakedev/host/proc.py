@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -47,9 +48,8 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-_IovecP = ctypes.POINTER(_Iovec)
 _pvr = _libc.process_vm_readv
-_pvr.argtypes = [ctypes.c_int, _IovecP, ctypes.c_ulong, _IovecP, ctypes.c_ulong, ctypes.c_ulong]
+_pvr.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
 _pvr.restype = ctypes.c_ssize_t
 _pvw = _libc.process_vm_writev
 _pvw.argtypes = _pvr.argtypes
@@ -63,7 +63,8 @@ _statx = _libc.statx
 _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
 _statx.restype = ctypes.c_int
 _addressof = ctypes.addressof
-_c_char = ctypes.c_char
+_string_at = ctypes.string_at
+_memmove = ctypes.memmove
 
 
 class NeedsWorker(Exception):
@@ -81,19 +82,41 @@ def fd_dev(fd: int) -> tuple[int, int]:
     return major, minor
 
 
+class _Scratch(threading.local):
+    """Per-thread copy buffer and iovecs, so small copies allocate nothing but the result."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self.buf = ctypes.create_string_buffer(self.SIZE)
+        self.base = _addressof(self.buf)
+        self.local = _Iovec(self.base, 0)
+        self.remote = _Iovec(0, 0)
+        self.lref = ctypes.byref(self.local)
+        self.rref = ctypes.byref(self.remote)
+
+
+_scratch = _Scratch()
+
+
 def read_memory(tid: int, addr: int, size: int) -> bytes:
     """copy_from_user from thread ``tid``: all ``size`` bytes or EFAULT."""
     if size <= 0:
         return b""
-    buf = bytearray(size)
-    cbuf = (_c_char * size).from_buffer(buf)
-    local = _Iovec(_addressof(cbuf), size)
-    remote = _Iovec(addr, size)
-    n = _pvr(tid, local, 1, remote, 1, 0)
-    del cbuf
-    if n != size:
+    if size > _Scratch.SIZE:
+        buf = ctypes.create_string_buffer(size)
+        n = _pvr(tid, ctypes.byref(_Iovec(_addressof(buf), size)), 1, ctypes.byref(_Iovec(addr, size)), 1, 0)
+        if n != size:
+            raise KernelError(errno.EFAULT)
+        return buf.raw
+    sc = _scratch
+    sc.local.iov_len = size
+    r = sc.remote
+    r.iov_base = addr
+    r.iov_len = size
+    if _pvr(tid, sc.lref, 1, sc.rref, 1, 0) != size:
         raise KernelError(errno.EFAULT)
-    return bytes(buf)
+    return _string_at(sc.base, size)
 
 
 def write_memory(tid: int, addr: int, data: bytes) -> None:
@@ -101,11 +124,19 @@ def write_memory(tid: int, addr: int, data: bytes) -> None:
     size = len(data)
     if size == 0:
         return
-    cbuf = ctypes.create_string_buffer(data, size)
-    local = _Iovec(_addressof(cbuf), size)
-    remote = _Iovec(addr, size)
-    n = _pvw(tid, local, 1, remote, 1, 0)
-    if n != size:
+    if size > _Scratch.SIZE:
+        buf = ctypes.create_string_buffer(data, size)
+        n = _pvw(tid, ctypes.byref(_Iovec(_addressof(buf), size)), 1, ctypes.byref(_Iovec(addr, size)), 1, 0)
+        if n != size:
+            raise KernelError(errno.EFAULT)
+        return
+    sc = _scratch
+    _memmove(sc.base, data, size)
+    sc.local.iov_len = size
+    r = sc.remote
+    r.iov_base = addr
+    r.iov_len = size
+    if _pvw(tid, sc.lref, 1, sc.rref, 1, 0) != size:
         raise KernelError(errno.EFAULT)
 
 

@@ -454,6 +454,23 @@ class Server:
         arg = req.arg
         unique = req.unique
         tracer = self.tracer
+        if not worker and not tracer.enabled and not self.lock.locked():
+            # the fast path: inline, no closure, no trace
+            try:
+                res = f.ioctl(ProcessTask(req.pid, self.ctx, True), cmd, arg)
+            except KernelError as e:
+                return P.reply_error(unique, e.errno)
+            except NeedsWorker:
+                pass  # run it again below, in a worker
+            except Exception:
+                self.unexpected_errors += 1
+                log.exception("model failed on %r", req)
+                return P.reply_error(unique, errno.EIO)
+            else:
+                if self._pollers:
+                    self._poke_pollers()
+                return P.reply_ioctl(unique, res)
+            worker = True
 
         def fn(task: ProcessTask) -> bytes:
             if not tracer.enabled:

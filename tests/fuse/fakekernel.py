@@ -114,6 +114,14 @@ class FakeDevice(File):
             return 0
         if cmd == I.VFIO_DEVICE_RESET:
             raise RuntimeError("model bug")
+        if cmd == I.VFIO_DEVICE_FEATURE:  # not marked takes_fds, yet looks up an fd
+            (fd,) = struct.unpack("<i", task.read(arg, 4))
+            f = task.fget(fd)
+            k.feature_threads.add(threading.get_ident())
+            if not isinstance(f, File):
+                f.close()
+                return 0
+            return 1 if isinstance(f, FakeIommu) else 2
         raise KernelError(errno.ENOTTY)
 
     def read(self, task: Task, offset: int, size: int) -> bytes:
@@ -143,6 +151,7 @@ class FakeKernel:
         self.resets_done = 0
         self.reset_delay = 0.0
         self.reset_threads: set[int] = set()
+        self.feature_threads: set[int] = set()
         self.open_pids: list[tuple[int, int]] = []
 
     def nodes(self) -> list[DevNode]:

@@ -18,6 +18,7 @@ from fakedev.kernel.task import ForeignKind
 CHILD = r"""
 import ctypes, os, sys, threading
 buf = ctypes.create_string_buffer(b"hello fakedev", 64)
+big = ctypes.create_string_buffer(bytes(range(256)) * 80)
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -34,13 +35,15 @@ th = threading.Thread(target=t)
 th.start()
 while not tids:
     pass
-print(ctypes.addressof(buf), pg, efd, r, tids[0], flush=True)
+print(ctypes.addressof(buf), pg, efd, r, tids[0], ctypes.addressof(big), flush=True)
 for line in sys.stdin:
     cmd = line.split()[0]
     if cmd == "buf":
         print(buf.raw[:16].hex(), flush=True)
     elif cmd == "efd":
         print(os.eventfd_read(efd), flush=True)
+    elif cmd == "big":
+        print(big.raw[:20480].hex(), flush=True)
     elif cmd == "page":
         print(ctypes.string_at(pg + 4096 - 8, 8).hex(), flush=True)
 stop.set()
@@ -52,7 +55,8 @@ class Child:
         self.p = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   text=True)
         assert self.p.stdout is not None
-        self.buf, self.page, self.efd, self.pipe, self.thread = map(int, self.p.stdout.readline().split())
+        self.buf, self.page, self.efd, self.pipe, self.thread, self.big = map(
+            int, self.p.stdout.readline().split())
         self.page_end = self.page + 4096
 
     def ask(self, cmd: str) -> str:
@@ -80,6 +84,16 @@ def test_read_write_memory(child: Child) -> None:
     t.write(child.buf, b"HELLO")
     assert child.ask("buf").startswith(b"HELLO fakedev".hex())
     assert t.read(child.buf, 0) == b""
+
+
+def test_large_copies(child: Child) -> None:
+    t = task_of(child.p.pid)
+    assert t.read(child.big, 20480) == bytes(range(256)) * 80
+    t.write(child.big + 100, b"\xee" * 9000)
+    assert bytes.fromhex(child.ask("big")) == bytes(range(256))[:100] + b"\xee" * 9000 + (bytes(range(256)) * 80)[9100:]
+    with pytest.raises(KernelError) as ei:
+        t.read(child.page, 8192)
+    assert ei.value.errno == errno.EFAULT
 
 
 def test_memory_faults_like_the_kernel(child: Child) -> None:

@@ -134,6 +134,15 @@ async def test_errors_are_the_kernels(served: Served, client: str) -> None:
     await served.settle()
 
 
+async def test_unexpected_fd_lookup_is_retried_in_a_worker(served: Served, client: str) -> None:
+    import threading
+
+    assert await run(client, served.mnt, "retry") == ["iommu 1", "dev 2", "pipe 0"]
+    # our own opens were identified from a worker; the pipe needed none (answered on the loop)
+    assert threading.get_ident() in served.k.feature_threads and len(served.k.feature_threads) >= 2
+    await served.settle()
+
+
 async def test_eventfd_is_signalled(served: Served, client: str) -> None:
     assert await run(client, served.mnt, "eventfd") == ["irqs 0 1 6"]
     await served.settle()
