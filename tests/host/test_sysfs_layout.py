@@ -294,3 +294,49 @@ def test_sysfs_from_the_kernel_model(tmp_path: Path, fixture: str) -> None:
         rest = path.removeprefix("vfio/")
         if rest.isdigit():
             assert (sys / "class/vfio" / rest / "dev").read_text() == f"{node.major}:{node.minor}\n"
+
+
+MULTI = """
+root_buses = ["0000:00", "0000:80", "0001:00"]
+
+[[function]]
+bdf = "0000:80:01.0"
+kind = "root-port"
+vendor = 0x8086
+device = 0xa110
+secondary_bus = 0x81
+capabilities.acs = true
+
+[[function]]
+bdf = "0000:81:00.0"
+vendor = 0x1b36
+device = 0x00ff
+capabilities.pcie = {}
+capabilities.acs = true
+
+[[function]]
+bdf = "0001:00:02.0"
+kind = "integrated-endpoint"
+vendor = 0x1b36
+device = 0x00ff
+"""
+
+
+def test_several_host_bridges_and_domains(tmp_path: Path) -> None:
+    p = tmp_path / "multi.toml"
+    p.write_text(MULTI)
+    t = load_tree(p)
+    assert [(b.domain, b.number) for b in t.topology.root_buses] == [(0, 0), (0, 0x80), (1, 0)]
+    assert vfio_index_for(t.topology) == {"0000:81:00.0": 0, "0001:00:02.0": 1}
+    groups = [d.iommu_group for d in t.topology.devices()]
+    assert len(set(groups)) == 3  # derived: ACS isolates everything
+    generate_sysfs(tmp_path, t.topology, [], vfio_index_for(t.topology))
+    sys = tmp_path / "sys"
+    assert os.readlink(sys / "bus/pci/devices/0000:81:00.0") == (
+        "../../../devices/pci0000:80/0000:80:01.0/0000:81:00.0"
+    )
+    assert (
+        os.readlink(sys / "bus/pci/devices/0001:00:02.0")
+        == "../../../devices/pci0001:00/0001:00:02.0"
+    )
+    assert (sys / "devices/pci0000:00").is_dir()
