@@ -17,6 +17,14 @@ if str(REPO) not in sys.path:  # `tests.` imports work from any directory
     sys.path.insert(0, str(REPO))
 FIXTURES = REPO / "fixtures"
 
+from tests.cli.conftest import (  # noqa: E402  (fixtures shared with tests/cli)
+    dev_fuse_usable_by_all,
+    unprivileged_user,
+    userns_allowed,
+)
+
+__all__ = ["dev_fuse_usable_by_all", "unprivileged_user", "userns_allowed"]
+
 
 def fakedev_env() -> dict[str, str]:
     env = dict(os.environ)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -93,14 +94,20 @@ def test_run_as_unprivileged_user(
     exe = unprivileged_python(unprivileged_user)
     if exe is None:
         pytest.fail(f"no Python {sys.version_info[:2]} runnable by {unprivileged_user}")
-    Path(hotreset).chmod(0o755)
+    # The session's build dir is private to root: give the user its own copy.
+    shared = Path(tempfile.mkdtemp(prefix="fakedev-e2e-"))
+    shared.chmod(0o755)
+    client = shared / "hotreset"
+    shutil.copy(hotreset, client)
+    client.chmod(0o755)
     r = subprocess.run(
         ["runuser", "-u", unprivileged_user, "--", "env",
          f"PYTHONPATH={fakedev_env()['PYTHONPATH']}", exe, "-m", "fakedev.cli.main", "run",
          "--tree", str(FIXTURES / "dual-function-nic.toml"), "--",
-         "sh", "-c", f"id -u; '{hotreset}' 0000:01:00.0 0000:01:00.1"],
+         "sh", "-c", f"id -u; '{client}' 0000:01:00.0 0000:01:00.1"],
         capture_output=True, text=True, timeout=120, cwd="/",
     )
+    shutil.rmtree(shared)
     assert r.returncode == 0, r.stdout + r.stderr
     uid = subprocess.run(["id", "-u", unprivileged_user], capture_output=True, text=True)
     assert r.stdout.splitlines()[0] == uid.stdout.strip()
