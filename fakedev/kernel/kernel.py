@@ -250,4 +250,5 @@ class Kernel:
             "iommu_groups": iommu_groups,
             "iommufd": ctxs,
             "resets": len(self.vfio.reset_log),
+            "reset_log": [{"bdf": r.bdf, "method": r.method, "cause": r.cause, "pid": r.pid} for r in self.vfio.reset_log],
         }
