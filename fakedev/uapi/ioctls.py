@@ -129,8 +129,8 @@ IOCTLS: Final[tuple[Ioctl, ...]] = (
     _mk("IOMMU_HWPT_SET_DIRTY_TRACKING", _i(0x0B), {_I}, Arg.STRUCT, None, (6, 7)),
     _mk("IOMMU_HWPT_GET_DIRTY_BITMAP", _i(0x0C), {_I}, Arg.STRUCT, None, (6, 7)),
     _mk("IOMMU_HWPT_INVALIDATE", _i(0x0D), {_I}, Arg.STRUCT, None, (6, 8)),
-    _mk("IOMMU_IOAS_MAP_FILE", _i(0x0F), {_I}, Arg.STRUCT, S.IOMMU_IOAS_MAP_FILE, (6, 14), takes_fds=True),
-    _mk("IOMMU_IOAS_CHANGE_PROCESS", _i(0x12), {_I}, Arg.STRUCT, S.IOMMU_IOAS_CHANGE_PROCESS, (6, 14)),
+    _mk("IOMMU_IOAS_MAP_FILE", _i(0x0F), {_I}, Arg.STRUCT, S.IOMMU_IOAS_MAP_FILE, (6, 13), takes_fds=True),
+    _mk("IOMMU_IOAS_CHANGE_PROCESS", _i(0x12), {_I}, Arg.STRUCT, S.IOMMU_IOAS_CHANGE_PROCESS, (6, 13)),
 )
 
 _BY_KIND: Final[dict[tuple[FileKind, int], Ioctl]] = {
