@@ -221,7 +221,13 @@ def generate_sysfs(
     nodes: Sequence[DevNode],
     vfio_index: Mapping[str, int],
 ) -> None:
-    """Write ``root/sys`` for ``topology`` (see module doc). ``root`` may exist."""
+    """Write ``root/sys`` for ``topology`` (see module doc).
+
+    ``nodes`` gives the major:minor of the vfio-dev, vfio group and misc
+    entries (a node not listed gets no ``dev`` file); ``vfio_index`` maps
+    BDF -> N of vfioN. ``root`` may hold an earlier generation for the same
+    tree (entries are overwritten); entries the new tree lacks are not removed.
+    """
     w = _Writer(Path(root))
     by_path = _node_by_path(nodes)
     for d in ("bus/pci/devices", "bus/pci/drivers", "bus/pci/slots", "kernel/iommu_groups",

@@ -145,18 +145,18 @@ class _Fn:
     domain: int
     bus: int
     devfn: int
-    kind: str
-    driver: str | None
-    group: int | str | None  # int, None (no group), "auto"
-    irq: int | None
-    reset_methods: list[ResetMethod] | None
-    bars: list[Bar]
-    rom_size: int
-    secondary: int | None
-    slot: SlotCap | None
-    slot_reset: bool
-    spec: FunctionSpec | None  # None when config comes from a file
-    file_config: bytearray | None
+    kind: str = "endpoint"
+    driver: str | None = None
+    group: int | str | None = "auto"  # int, None (no group), "auto" (derived)
+    irq: int | None = None
+    reset_methods: list[ResetMethod] | None = None
+    bars: list[Bar] = field(factory=list)
+    rom_size: int = 0
+    secondary: int | None = None
+    slot: SlotCap | None = None
+    slot_reset: bool = False
+    spec: FunctionSpec | None = None  # None when config comes from a file
+    file_config: bytearray | None = None
     pdev: PciDev | None = None
     subordinate: int = 0
     children: list[_Fn] = field(factory=list)
@@ -338,24 +338,7 @@ class _Loader:
         domain, bus = int(m.group(1) or "0", 16), int(m.group(2), 16)
         devfn = (int(m.group(3), 16) << 3) | int(m.group(4))
         self._names[i] = bdf_name(domain, bus, devfn)
-        f = _Fn(
-            i,
-            domain,
-            bus,
-            devfn,
-            "endpoint",
-            None,
-            "auto",
-            None,
-            None,
-            [],
-            0,
-            None,
-            None,
-            False,
-            None,
-            None,
-        )
+        f = _Fn(index=i, domain=domain, bus=bus, devfn=devfn)
 
         if "config_file" in t:
             self.check_keys(t, FILE_KEYS, w)
