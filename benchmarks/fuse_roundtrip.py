@@ -209,6 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, default=20000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case; each figure is the median over runs")
     ap.add_argument("--write", action="store_true", help="write benchmarks/RESULTS.md")
     a = ap.parse_args()
     if a.serve:
@@ -227,16 +228,18 @@ def main() -> None:
                 for mode in MODES:
                     for threads in (1, 8):
                         iters = a.iters // (4 if mode == 1 else 1) // threads
-                        results[(name, mode, threads)] = m = measure(client, str(mnt), mode, threads, iters)
+                        runs = [measure(client, str(mnt), mode, threads, iters) for _ in range(a.repeat)]
+                        results[(name, mode, threads)] = m = {
+                            key: statistics.median(r[key] for r in runs) for key in runs[0]}
                         print(f"{name:13} {MODES[mode]:27} threads={threads}  median {m['median']:7.1f} µs  "
                               f"p99 {m['p99']:7.1f} µs  {m['rate']:9.0f} calls/s", flush=True)
             finally:
                 stop(p, str(mnt))
     if a.write:
-        write_results(results)
+        write_results(results, a.repeat)
 
 
-def write_results(results: dict[tuple[str, int, int], dict[str, float]]) -> None:
+def write_results(results: dict[tuple[str, int, int], dict[str, float]], repeat: int) -> None:
     cpu = "?"
     try:
         for line in open("/proc/cpuinfo"):
@@ -251,7 +254,8 @@ def write_results(results: dict[tuple[str, int, int], dict[str, float]]) -> None
         f"Measured {time.strftime('%Y-%m-%d')} with `benchmarks/fuse_roundtrip.py --write` on Linux "
         f"{platform.release()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. "
         "Latency is per call as the calling thread sees it (clock_gettime around the syscall); "
-        "calls/s is all threads' calls over the wall time. The C server is "
+        "calls/s is all threads' calls over the wall time; each figure is the median of "
+        f"{repeat} runs. Load average when done: {os.getloadavg()[0]:.1f}. The C server is "
         "`benchmarks/c_fuse_server.c` (libfuse3 low-level, multi-threaded loop) doing the same "
         "work per call (process_vm_readv/writev; pidfd_getfd + identity ioctl for the fd).",
         "",

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -44,6 +44,7 @@ log = logging.getLogger("fakedev.server")
 OPEN_FLAGS = P.FOPEN_DIRECT_IO | P.FOPEN_NOFLUSH
 CONTROL_DIR = ".fakedev"
 _FH_LIMIT = 1 << 31  # fh travels back as an ioctl result (int32)
+T = TypeVar("T")
 
 
 class KernelLike(Protocol):
@@ -130,6 +131,16 @@ class Server:
     def open_files(self) -> int:
         """Opens of model nodes not yet released."""
         return len(self._files)
+
+    async def locked(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (something touching the model, e.g. ``kernel.raise_irq``) under the model lock.
+
+        Pollers whose file became ready are woken afterwards.
+        """
+        async with self.lock:
+            out = fn()
+            self._poke_pollers()
+            return out
 
     async def serve(self, mountpoint: str, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Mount at ``mountpoint``, report started, serve until cancelled or ENODEV, unmount."""

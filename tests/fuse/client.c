@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -92,6 +93,20 @@ int main(int argc, char **argv) {
         printf("boom %d\n", call(dev, VFIO_DEVICE_RESET, NULL));
         printf("unknown %d\n", call(dev, 0x3bff, NULL));
         printf("after %d\n", call(dev, VFIO_DEVICE_GET_INFO, &ok));
+        return 0;
+    }
+    if (!strcmp(mode, "poll")) {
+        int dev = xopen("vfio/devices/vfio0");
+        struct pollfd p = { .fd = dev, .events = POLLIN };
+        int n = poll(&p, 1, 10000);
+        printf("poll %d %x\n", n, p.revents);
+        fflush(stdout);
+        uint32_t x = 0x55;  /* wait for a line on stdin, then poll until readable */
+        char line[8];
+        if (!fgets(line, sizeof line, stdin)) return 3;
+        n = poll(&p, 1, 10000);
+        printf("poll %d %x\n", n, p.revents);
+        (void)x;
         return 0;
     }
     if (!strcmp(mode, "retry")) { /* an fd lookup the server did not expect */

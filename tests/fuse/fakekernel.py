@@ -124,6 +124,9 @@ class FakeDevice(File):
             return 1 if isinstance(f, FakeIommu) else 2
         raise KernelError(errno.ENOTTY)
 
+    def poll(self) -> int:
+        return 0x1 if self.k.readable else 0
+
     def read(self, task: Task, offset: int, size: int) -> bytes:
         index, off = offset >> 40, offset & ((1 << 40) - 1)
         if index != 7 or off + size > len(self.regs):
@@ -152,6 +155,7 @@ class FakeKernel:
         self.reset_delay = 0.0
         self.reset_threads: set[int] = set()
         self.feature_threads: set[int] = set()
+        self.readable = True
         self.open_pids: list[tuple[int, int]] = []
 
     def nodes(self) -> list[DevNode]:

@@ -143,6 +143,58 @@ async def test_unexpected_fd_lookup_is_retried_in_a_worker(served: Served, clien
     await served.settle()
 
 
+async def test_poll_and_wakeup(served: Served, client: str) -> None:
+    proc = await trio.lowlevel.open_process([client, str(served.mnt), "poll"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        with trio.fail_after(20):
+            first = await proc.stdout.receive_some()
+            assert first == b"poll 1 1\n"
+            served.k.readable = False
+            await proc.stdin.send_all(b"go\n")
+            while not served.srv._pollers:  # the second poll() is parked, waiting for a wakeup
+                await trio.sleep(0.01)
+
+            def ready() -> None:
+                served.k.readable = True
+
+            await served.srv.locked(ready)
+            rest = b""
+            while chunk := await proc.stdout.receive_some():
+                rest += chunk
+            assert rest == b"poll 1 1\n"
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    await served.settle()
+
+
+async def test_cancelled_mid_call(mnt: Path, client: str) -> None:
+    k = FakeKernel()
+    k.reset_delay = 0.5
+    async with trio.open_nursery() as n:
+        srv = await n.start(Server(k).serve, str(mnt))
+        proc = await trio.lowlevel.open_process([client, str(mnt), "slow"], stdout=subprocess.PIPE)
+        with trio.fail_after(20):
+            while k.resets_started == 0:
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+    assert not M.mounts_at(str(mnt))
+    with trio.fail_after(20):
+        await proc.wait()
+    assert proc.stdout is not None
+    raw = b""
+    while chunk := await proc.stdout.receive_some():
+        raw += chunk
+    out = raw.decode().split()
+    assert out[:2] == ["open", "slow"] and int(out[2]) in (0, errno.ECONNABORTED, errno.ENOTCONN)
+    assert out[3] == "next" and int(out[4]) in (errno.ECONNABORTED, errno.ENOTCONN)
+    assert k.resets_done == 1 and k.released == ["vfio0#0"] and srv.open_files == 0
+
+
 async def test_eventfd_is_signalled(served: Served, client: str) -> None:
     assert await run(client, served.mnt, "eventfd") == ["irqs 0 1 6"]
     await served.settle()
