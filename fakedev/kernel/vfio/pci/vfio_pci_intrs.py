@@ -95,7 +95,9 @@ class VfioPciIrqs:
         if self.irq_type != INTX:
             raise KernelError(errno.EINVAL)
         if flags & C.VFIO_IRQ_SET_DATA_NONE or (flags & C.VFIO_IRQ_SET_DATA_BOOL and data[0]):
-            self._send_intx()
+            # vfio_send_intx_eventfd(): loopback signals whatever the mask state
+            if self.intx_trigger is not None:
+                self.intx_trigger.signal(1)
         return 0
 
     def _intx_mask(self, task: Task, flags: int, index: int, start: int, count: int, data: bytes) -> int:
@@ -128,7 +130,7 @@ class VfioPciIrqs:
         return 0
 
     def _send_intx(self) -> bool:
-        """Models vfio_send_intx_eventfd(): signal and automask, unless masked."""
+        """Models vfio_intx_handler(): signal and automask, unless masked (then pending)."""
         if self.intx_masked:
             self.intx_pending = True
             return False
