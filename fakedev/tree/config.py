@@ -231,6 +231,7 @@ def _pcie_body(p: PcieCap) -> bytes:
         if p.slot.hotplug:
             sltcap |= PCI_EXP_SLTCAP_HPC | PCI_EXP_SLTCAP_ABP
         _put(body, 0x14 - 2, "<I", sltcap)
+        _put(body, 0x18 - 2, "<H", 0x01C0)  # SltCtl: attention indicator off, power indicator on
         _put(body, 0x1A - 2, "<H", PCI_EXP_SLTSTA_PDS if p.slot.occupied else 0)
     _put(body, 0x24 - 2, "<I", 0x10)  # DevCap2: completion timeout disable supported
     return bytes(body)
