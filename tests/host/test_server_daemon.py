@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -94,4 +95,30 @@ async def test_daemon_killed_then_restarted(mnt: Path, client: str) -> None:
                 await trio.sleep(0.01)
         n.cancel_scope.cancel()
     assert k.released == ["vfio0#0"]
+    assert not M.mounts_at(str(mnt))
+
+
+async def test_hung_daemon_is_aborted_by_the_next_start(mnt: Path, client: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    daemon = await trio.lowlevel.open_process(
+        [sys.executable, str(FUSE_TESTS / "fakekernel.py"), str(mnt)], stdout=subprocess.PIPE, env=env)
+    try:
+        with trio.fail_after(20):
+            assert daemon.stdout is not None
+            assert (await readline(daemon.stdout)) == b"ready\n"
+            daemon.send_signal(signal.SIGSTOP)  # hung: the mount is alive but nobody answers
+            k = FakeKernel()
+            async with trio.open_nursery() as n:
+                await n.start(Server(k).serve, str(mnt))
+                assert len(M.mounts_at(str(mnt), "fuse.fakedev")) == 1
+                r = await trio.run_process([client, str(mnt), "rw"], capture_stdout=True)
+                assert r.stdout.decode().splitlines()[0] == "read 4 153a8086"
+                n.cancel_scope.cancel()
+            daemon.send_signal(signal.SIGCONT)
+            await daemon.wait()  # its connection was aborted: its loop saw ENODEV and it ended
+    finally:
+        if daemon.returncode is None:
+            daemon.kill()
+            await daemon.wait()
+    assert daemon.returncode == 0
     assert not M.mounts_at(str(mnt))
