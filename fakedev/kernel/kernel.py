@@ -49,14 +49,20 @@ __all__ = [
 
 
 class Kernel:
-    """One simulated machine: its PCI topology, iommu groups, VFIO and iommufd."""
+    """One simulated machine: its PCI topology, iommu groups, VFIO and iommufd.
+
+    ``behaviours`` maps a BDF to the ``BarBehaviour`` of that function (default:
+    RAM-backed BARs). ``bar_mmap`` makes REGION_INFO advertise mmap-able BARs as
+    the real kernel does (off by default: through FUSE an mmap cannot work).
+    """
 
     def __init__(self, topology: PciTopology, version: KernelVersion = NEWEST,
                  clock: Callable[[], float] | None = None,
-                 behaviours: dict[str, BarBehaviour] | None = None) -> None:
+                 behaviours: dict[str, BarBehaviour] | None = None, *, bar_mmap: bool = False) -> None:
         self.topology = topology
         self.version = version
         self.vfio = Vfio(version, clock)
+        self.vfio.bar_mmap = bar_mmap
         self.iommu_groups: dict[int, IommuGroup] = build_iommu_groups(topology)
         self.vfio.iommu_groups = self.iommu_groups
         self._ictx_names: dict[int, str] = {}

@@ -211,3 +211,24 @@ def test_bar_behaviour_object() -> None:
     beh.reads.clear()
     p.read(d, 0x10, 16)
     assert beh.reads == [(0, 0x10, 8), (0, 0x18, 8)]
+
+
+def test_region_info_mmap_when_enabled() -> None:
+    from fakedev.kernel.kernel import Kernel
+    from tests.kernel import topologies as T
+
+    k = Kernel(T.dual_function_nic(), bar_mmap=True)
+    p = Proc(k)
+    a = p.open("iommu")
+    d, _ = p.cdev_bound(0, a)
+    rw = C.VFIO_REGION_INFO_FLAG_READ | C.VFIO_REGION_INFO_FLAG_WRITE
+    assert region(p, d, 0)["flags"] == rw | C.VFIO_REGION_INFO_FLAG_MMAP
+    assert region(p, d, 2)["flags"] == rw  # I/O BAR
+    short = region(p, d, 3)  # the MSI-X BAR: MSIX_MAPPABLE cap, buffer too small
+    assert (short["argsz"], short["cap_offset"]) == (40, 0)
+    assert short["flags"] == rw | C.VFIO_REGION_INFO_FLAG_MMAP | C.VFIO_REGION_INFO_FLAG_CAPS
+    a3 = p.buf(S.VFIO_REGION_INFO.pack(argsz=40, index=3) + bytes(8))
+    p.ioctl(d, IO.VFIO_DEVICE_GET_REGION_INFO, a3)
+    assert S.VFIO_REGION_INFO.unpack(p.p.peek(a3, 32))["cap_offset"] == 32
+    assert S.VFIO_INFO_CAP_HEADER.unpack(p.p.peek(a3 + 32, 8)) == {
+        "id": C.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, "version": 1, "next": 0}

@@ -86,6 +86,8 @@ class Vfio:
         self.groups: dict[int, VfioGroup] = {}
         self.dev_sets: list[VfioDeviceSet] = []
         self.iommu_groups: dict[int, IommuGroup] = {}
+        #: advertise BARs as mmap-able (the kernel's answer; FUSE cannot serve the mmap)
+        self.bar_mmap = False
 
     def record_reset(self, pdev: PciDev, method: str, cause: str, pid: int | None) -> ResetRecord:
         n = self.reset_counts.get(pdev.name, 0) + 1

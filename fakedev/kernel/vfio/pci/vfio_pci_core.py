@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fakedev.kernel import pci as P
 from fakedev.kernel.errors import KernelError
 from fakedev.kernel.file import File
-from fakedev.kernel.pci import PciDev, PciSlot, ResetMethod
+from fakedev.kernel.pci import BarKind, PciDev, PciSlot, ResetMethod
 from fakedev.kernel.task import Task
 from fakedev.uapi import consts as C
 from fakedev.uapi import ioctls as IO
@@ -48,6 +48,7 @@ from .vfio_pci_rdwr import (
     BarBehaviour,
     RamBars,
     bar_len,
+    msix_table_range,
     rom_image,
     vfio_pci_bar_read,
     vfio_pci_bar_write,
@@ -300,19 +301,30 @@ class VfioPciDevice(VfioDevice):
         return 0
 
     def ioctl_get_region_info(self, df: VfioDeviceFile, task: Task, arg: int) -> int:
-        """Models vfio_pci_ioctl_get_region_info(). No region is mmap-able through FUSE."""
+        """Models vfio_pci_ioctl_get_region_info().
+
+        BARs are not advertised mmap-able (FUSE cannot trap MMIO) unless the
+        kernel was built with ``bar_mmap=True``: then memory BARs carry
+        FLAG_MMAP and the MSI-X BAR the MSIX_MAPPABLE capability, as the kernel does.
+        """
         lay = S.VFIO_REGION_INFO
         minsz = lay.offsetofend("offset")
         info = lay.unpack(task.read(arg, minsz))
         if info["argsz"] < minsz:
             raise KernelError(errno.EINVAL)
         idx = info["index"]
+        caps: list[bytes] = []
         rw = C.VFIO_REGION_INFO_FLAG_READ | C.VFIO_REGION_INFO_FLAG_WRITE
         if idx == C.VFIO_PCI_CONFIG_REGION_INDEX:
             info.update(offset=C.VFIO_PCI_INDEX_TO_OFFSET(idx), size=self.pdev.cfg_size, flags=rw)
         elif C.VFIO_PCI_BAR0_REGION_INDEX <= idx <= C.VFIO_PCI_BAR5_REGION_INDEX:
             size = bar_len(self.pdev, idx)
             info.update(offset=C.VFIO_PCI_INDEX_TO_OFFSET(idx), size=size, flags=rw if size else 0)
+            if size and self.vfio.bar_mmap and self._bar_mmap_supported(idx):
+                info["flags"] |= C.VFIO_REGION_INFO_FLAG_MMAP
+                x = msix_table_range(self.pdev)
+                if x is not None and x[0] == idx:
+                    caps.append(S.VFIO_INFO_CAP_HEADER.pack(id=C.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, version=1))
         elif idx == C.VFIO_PCI_ROM_REGION_INDEX:
             img = rom_image(self.pdev)
             info.update(offset=C.VFIO_PCI_INDEX_TO_OFFSET(idx), size=len(img),
@@ -321,8 +333,24 @@ class VfioPciDevice(VfioDevice):
             raise KernelError(errno.EINVAL, "no VGA")
         else:
             raise KernelError(errno.EINVAL, "no such region")
+        chain = build_cap_chain(caps, lay.size)
+        if chain:
+            info["flags"] |= C.VFIO_REGION_INFO_FLAG_CAPS
+            if info["argsz"] < lay.size + len(chain):
+                info["argsz"] = lay.size + len(chain)
+                info["cap_offset"] = 0
+            else:
+                task.write(arg + lay.size, chain)
+                info["cap_offset"] = lay.size
         task.write(arg, lay.pack(info))
         return 0
+
+    def _bar_mmap_supported(self, idx: int) -> bool:
+        """vdev->bar_mmap_supported[]: memory BARs of at least a page (or page aligned)."""
+        for b in self.pdev.bars:
+            if b.index == idx:
+                return b.kind is not BarKind.IO and (b.size >= 4096 or not b.address & 0xFFF)
+        return False
 
     def ioctl_get_irq_info(self, df: VfioDeviceFile, task: Task, arg: int) -> int:
         """Models vfio_pci_ioctl_get_irq_info() (dynamic MSI-X: no NORESIZE on MSI-X)."""
