@@ -397,6 +397,8 @@ class Ioctl(Step):
     err: int | None = None
     ret: Any = 0
     out: dict[str, Any] = field(default_factory=dict)
+    #: keep only this many bytes of the packed struct (the rest of the buffer is SENTINEL)
+    pack_len: int | None = None
     entries: Any = None
     entry_size: int = 8
     entry_at: int = 12
@@ -426,6 +428,8 @@ class Ioctl(Step):
             assert self.layout is not None
             vals = resolve(self.fields, w)
             data = bytearray(self.layout.pack(vals))
+            if self.pack_len is not None:
+                data = data[: self.pack_len]
             trailer = resolve(self.trailer, w)
             if isinstance(trailer, list):  # list of s32 (group fds) / u32
                 trailer = b"".join(struct.pack("<i", int(v)) if v < 0x80000000 else struct.pack("<I", v) for v in trailer)
@@ -688,9 +692,9 @@ def irq_info(p: str, dev: str, index: int, *, argsz: int = 16, **kw: Any) -> Ioc
 
 
 def set_irqs(p: str, dev: str, *, index: int = 0, flags: int, start: int = 0, count: int = 0,
-             data: bytes = b"", argsz: int | None = None, **kw: Any) -> Ioctl:
+             data: Any = b"", argsz: int | None = None, **kw: Any) -> Ioctl:
     return vfio_struct(p, dev, IO.VFIO_DEVICE_SET_IRQS, S.VFIO_IRQ_SET,
-                       argsz=argsz if argsz is not None else 20 + len(data),
+                       argsz=argsz if argsz is not None else 20 + (len(data) if isinstance(data, bytes) else 4 * count),
                        fields={"flags": flags, "index": index, "start": start, "count": count},
                        trailer=data, **kw)
 

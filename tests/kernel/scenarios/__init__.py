@@ -10,6 +10,7 @@ from __future__ import annotations
 from tests.kernel.harness import Scenario
 from tests.kernel.scenarios import (
     argsz,
+    device_io,
     exclusion,
     fds,
     flags,
@@ -28,4 +29,5 @@ ALL: list[Scenario] = [
     *iommufd_objects.SCENARIOS,
     *group_path.SCENARIOS,
     *hot_reset.SCENARIOS,
+    *device_io.SCENARIOS,
 ]

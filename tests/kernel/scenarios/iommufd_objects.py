@@ -148,16 +148,17 @@ SCENARIOS: list[Scenario] = [
         *cdev_bound(devid=1), ioas_alloc("p", "A", ioas=2),
         hwpt_alloc("p", "A", 9, 2, err=E.ENOENT),
         hwpt_alloc("p", "A", 2, 2, err=E.ENOENT),
-        hwpt_alloc("p", "A", 1, 9, err=E.ENOENT),
     ], doc="SPEC 3.19"),
     Scenario("hwpt-alloc-pt-is-device-6.6", DUAL, V66, [
         *cdev_bound(devid=1), ioas_alloc("p", "A", ioas=2),
         hwpt_alloc("p", "A", 1, 1, err=E.ENOENT),
+        hwpt_alloc("p", "A", 1, 9, err=E.ENOENT),
     ], doc="SPEC 3.19 (6.6): pt_id must be an IOAS (iommufd_get_ioas -> ENOENT)"),
     Scenario("hwpt-alloc-pt-is-device-6.12", DUAL, V612, [
         *cdev_bound(devid=1), ioas_alloc("p", "A", ioas=2),
         hwpt_alloc("p", "A", 1, 1, err=E.EINVAL),
-    ], doc="6.7+: pt_id looked up as any object; neither IOAS nor HWPT -> EINVAL"),
+        hwpt_alloc("p", "A", 1, 9, err=E.EINVAL),
+    ], doc="6.7+: pt_id looked up as any object (missing -> EINVAL); neither IOAS nor HWPT -> EINVAL"),
     Scenario("detach-unattached-ok", DUAL, BOTH, [
         *cdev_bound(devid=1),
         detach("p", "d0"),
