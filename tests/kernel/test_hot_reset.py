@@ -314,7 +314,38 @@ def test_close_of_last_device_does_silent_bus_reset(ver: str) -> None:
     assert resets(r, mark) == []  # 01:00.1 still open
     p.close(d1)
     assert resets(r, mark) == [(F0, "bus", "close"), (F1, "bus", "close")]
+    assert r.k.reset_log[-1].pid == p.p.pid
     r.check()
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_group_mode_info_eperm_for_function_without_iommu_group(ver: str) -> None:
+    from fakedev.kernel.kernel import Kernel
+    from fakedev.kernel.version import KernelVersion
+    from tests.kernel import topologies as T
+    from tests.kernel.conftest import Proc
+
+    topo = T.host_driver_sibling()
+    sib = topo.find(F1)
+    assert sib is not None
+    sib.iommu_group = None
+    k = Kernel(topo, KernelVersion.parse(ver))
+    p = Proc(k)
+    g, _ = p.group_setup(13)
+    dev = p.get_device_fd(g, F0)
+    err, hdr, ents = p.hot_reset_info(dev)
+    assert err == E.EPERM
+    assert hdr["flags"] == 0x5A5A  # header not written
+    # 6.6-6.9 copy inside the walk: the entry before the failing one was written
+    assert ents == ([(13, 0, 1, 0)] if ver == "6.6" else [])
+    q = Proc(k)
+    a = q.open("iommu")
+    # the cdev path reports a NOT_OWNED entry instead
+    p.close(dev)
+    p.close(g)
+    d0, _ = q.cdev_bound(0, a)
+    err, hdr, ents = q.hot_reset_info(d0)
+    assert err == 0 and ents[1][0] == NOT_OWNED
 
 
 @pytest.mark.parametrize("ver", VERSIONS)

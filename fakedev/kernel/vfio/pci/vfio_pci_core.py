@@ -206,13 +206,15 @@ class VfioPciDevice(VfioDevice):
         self.irqs.teardown()
         self.low_power = False
         self.needs_reset = True
+        # a release has no calling task: the record names the process that had the device open
+        pid = task.pid if task is not None else self.opener_pid
         if self.reset_works:
             try:
-                self._do_function_reset("close", task.pid if task is not None else None)
+                self._do_function_reset("close", pid)
                 self.needs_reset = False
             except KernelError:
                 pass
-        vfio_pci_dev_set_try_reset(self.dev_set, task)
+        vfio_pci_dev_set_try_reset(self.dev_set, pid)
 
     def match(self, buf: str) -> int:
         """Models vfio_pci_core_match(): name prefix, optional ' vf_token=<uuid>'."""
@@ -658,7 +660,7 @@ def vfio_pci_dev_set_hot_reset(dev_set: VfioDeviceSet, groups: list[Any] | None,
     return 0
 
 
-def vfio_pci_dev_set_try_reset(dev_set: VfioDeviceSet, task: Task | None) -> None:
+def vfio_pci_dev_set_try_reset(dev_set: VfioDeviceSet, pid: int | None) -> None:
     """Models vfio_pci_dev_set_try_reset(): a silent bus/slot reset when the set is idle."""
     if vfio_device_set_open_count(dev_set) > 1:
         return
@@ -668,7 +670,7 @@ def vfio_pci_dev_set_try_reset(dev_set: VfioDeviceSet, task: Task | None) -> Non
     if pdev is None:
         return
     try:
-        _pci_reset_bus(dev_set, pdev, "close", task.pid if task is not None else None)
+        _pci_reset_bus(dev_set, pdev, "close", pid)
     except KernelError:
         return
     for d in dev_set.device_list:
