@@ -123,7 +123,12 @@ class Tracer:
                         break
                 return raw.split(b"\0")[0].decode(errors="replace")
             if io.arg is Arg.STRUCT and io.layout is not None:
-                return io.layout.unpack(task.read(arg, io.layout.size))
+                lay = io.layout
+                size = lay.size
+                if lay.fields and lay.fields[0].name in ("argsz", "size") and lay.fields[0].fmt == "I":
+                    # read no further than the caller said its struct goes
+                    size = max(4, min(size, int.from_bytes(task.read(arg, 4), "little")))
+                return lay.unpack(task.read(arg, size), partial=True)
         except KernelError:
             return "EFAULT"
         return None
