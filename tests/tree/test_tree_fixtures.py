@@ -250,3 +250,18 @@ def test_derived_groups_follow_acs(tmp_path: Path) -> None:
     )
     t = load_tree(p)
     assert len({d.iommu_group for d in t.topology.devices()}) == 1
+
+
+def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fakedev.tree.__main__ import main
+
+    assert main([str(FIXTURES / "hotplug-slot.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "0000:05:00.1 1b36:00ff function driver=vfio-pci group=31" in out
+    assert "hot-reset=slot vfio1" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[function]]\nbdf = "00:02.0"\nvendor = 1\n')
+    assert main([str(bad)]) == 1
+    assert f"{bad}:1: function[0] (0000:00:02.0): missing required field 'device'" in (
+        capsys.readouterr().err
+    )
