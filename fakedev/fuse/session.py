@@ -93,6 +93,7 @@ class Session:
         fd = self.fd
         buf = self._buf
         mv = memoryview(buf)
+        bufs = [buf]
         readv = os.readv
         parse = P.parse
         handle = self.handler.handle
@@ -100,7 +101,7 @@ class Session:
         streak = 0
         while not self.closed:
             try:
-                n = readv(fd, [buf])
+                n = readv(fd, bufs)
             except BlockingIOError:
                 streak = 0
                 await trio.lowlevel.wait_readable(fd)

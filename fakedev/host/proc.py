@@ -48,11 +48,12 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-_pvr = _libc.process_vm_readv
-_pvr.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+# The copy calls are the fast path: no errno bookkeeping (a short count is all we
+# need) and no argtypes conversion (every argument is a small int or a byref).
+_libc_fast = ctypes.CDLL(None, use_errno=False)
+_pvr = _libc_fast.process_vm_readv
 _pvr.restype = ctypes.c_ssize_t
-_pvw = _libc.process_vm_writev
-_pvw.argtypes = _pvr.argtypes
+_pvw = _libc_fast.process_vm_writev
 _pvw.restype = ctypes.c_ssize_t
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -63,8 +64,6 @@ _statx = _libc.statx
 _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
 _statx.restype = ctypes.c_int
 _addressof = ctypes.addressof
-_string_at = ctypes.string_at
-_memmove = ctypes.memmove
 
 
 class NeedsWorker(Exception):
@@ -88,8 +87,10 @@ class _Scratch(threading.local):
     SIZE = 4096
 
     def __init__(self) -> None:
-        self.buf = ctypes.create_string_buffer(self.SIZE)
-        self.base = _addressof(self.buf)
+        self.buf = bytearray(self.SIZE)
+        self.mv = memoryview(self.buf)
+        self.cbuf = (ctypes.c_char * self.SIZE).from_buffer(self.buf)
+        self.base = _addressof(self.cbuf)
         self.local = _Iovec(self.base, 0)
         self.remote = _Iovec(0, 0)
         self.lref = ctypes.byref(self.local)
@@ -116,7 +117,7 @@ def read_memory(tid: int, addr: int, size: int) -> bytes:
     r.iov_len = size
     if _pvr(tid, sc.lref, 1, sc.rref, 1, 0) != size:
         raise KernelError(errno.EFAULT)
-    return _string_at(sc.base, size)
+    return bytes(sc.mv[:size])
 
 
 def write_memory(tid: int, addr: int, data: bytes) -> None:
@@ -131,7 +132,7 @@ def write_memory(tid: int, addr: int, data: bytes) -> None:
             raise KernelError(errno.EFAULT)
         return
     sc = _scratch
-    _memmove(sc.base, data, size)
+    sc.buf[:size] = data
     sc.local.iov_len = size
     r = sc.remote
     r.iov_base = addr
