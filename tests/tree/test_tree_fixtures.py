@@ -265,3 +265,44 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert f"{bad}:1: function[0] (0000:00:02.0): missing required field 'device'" in (
         capsys.readouterr().err
     )
+
+
+def test_hotplug_slot_without_slot_reset(tmp_path: Path) -> None:
+    p = tmp_path / "noreset.toml"
+    p.write_text(
+        (FIXTURES / "hotplug-slot.toml")
+        .read_text()
+        .replace("hotplug = true, reset = true", "hotplug = true, reset = false")
+    )
+    t = load_tree(p)
+    a = dev(t, "0000:05:00.0")
+    assert a.slot is not None and not a.slot.reset_capable
+    assert methods(a) == ["bus"]  # the bridge above can still reset the bus
+    assert dev_set(t.topology, a) == ["0000:05:00.0", "0000:05:00.1"]  # keyed by bus 05
+
+
+def test_bridge_from_config_file_gets_the_tree_bus_numbers(tmp_path: Path) -> None:
+    t = load("dual-function-nic")
+    rp = dev(t, "0000:00:1c.0")
+    cfg = bytearray(rp.config)
+    cfg[0x18], cfg[0x19], cfg[0x1A] = 0, 0x3A, 0x3A  # as dumped on another machine
+    (tmp_path / "rp.bin").write_bytes(bytes(cfg))
+    text = (FIXTURES / "dual-function-nic.toml").read_text()
+    head, rest = text.split("[[function]]", 1)
+    rest = rest.split("[[function]]", 1)[1]
+    p = tmp_path / "t.toml"
+    p.write_text(
+        head
+        + '[[function]]\nbdf = "0000:00:1c.0"\nconfig_file = "rp.bin"\nsecondary_bus = 1\n'
+        + "iommu_group = 12\n\n[[function]]"
+        + rest
+    )
+    t2 = load_tree(p)
+    rp2 = dev(t2, "0000:00:1c.0")
+    assert rp2.pcie_type == 4 and rp2.driver == "pcieport"
+    assert (rp2.cfg_read(0x18, 1), rp2.cfg_read(0x19, 1), rp2.cfg_read(0x1A, 1)) == (0, 1, 1)
+    assert [d.name for d in t2.topology.devices()] == [
+        "0000:00:1c.0",
+        "0000:01:00.0",
+        "0000:01:00.1",
+    ]
