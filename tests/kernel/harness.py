@@ -353,6 +353,22 @@ class Pipe(Step):
 
 
 @dataclass
+class NewProc(Step):
+    """A process with the given capabilities (default: none)."""
+
+    proc: str
+    caps: frozenset[int] = frozenset()
+    err: int | None = None
+    ret: Any = ANY
+
+    def call(self, w: World) -> Any:
+        assert self.proc not in w.procs, f"process {self.proc} exists"
+        w.procs[self.proc] = FakeProcess(caps=self.caps)
+        w.tasks[self.proc] = w.procs[self.proc].task()
+        return 0
+
+
+@dataclass
 class Dup(Step):
     """A second fd of the same open file (dup(2))."""
 
@@ -891,3 +907,29 @@ def SetHook(name: str, value: Any) -> Check:
         setattr(w.k.hooks, name, copy.deepcopy(value))
 
     return Check(fn, f"hooks.{name} = {value!r}")
+
+
+def NothingLeft() -> Check:
+    """No live iommufd context, no open device or group, no user DMA owner (from describe())."""
+
+    def fn(w: World) -> None:
+        d = w.k.describe()
+        for name, ctx in d.get("iommufd", {}).items():
+            assert ctx.get("dead", False) or not ctx.get("refs"), f"iommufd context {name} alive: {ctx}"
+        for dev in d.get("devices", []):
+            assert dev["open_count"] == 0 and not dev["cdev_opened"], f"device left open: {dev}"
+        for g in d.get("groups", []):
+            assert not g["open"] and g["dma_owner"] is None, f"group left in use: {g}"
+
+    return Check(fn, "nothing left")
+
+
+def Alive(ctx_count: int) -> Check:
+    """Exactly ``ctx_count`` live iommufd contexts."""
+
+    def fn(w: World) -> None:
+        d = w.k.describe()
+        live = [n for n, c in d.get("iommufd", {}).items() if not c.get("dead", False) and c.get("refs")]
+        assert len(live) == ctx_count, f"live contexts {live}, expected {ctx_count}"
+
+    return Check(fn, f"{ctx_count} live iommufd contexts")

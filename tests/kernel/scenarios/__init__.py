@@ -17,6 +17,7 @@ from tests.kernel.scenarios import (
     group_path,
     hot_reset,
     iommufd_objects,
+    lifecycle,
     worked_examples,
 )
 
@@ -30,4 +31,5 @@ ALL: list[Scenario] = [
     *group_path.SCENARIOS,
     *hot_reset.SCENARIOS,
     *device_io.SCENARIOS,
+    *lifecycle.SCENARIOS,
 ]
