@@ -224,6 +224,54 @@ async def test_two_processes_several_threads(served: Served, client: str) -> Non
     assert len(served.k.opened) == 4
 
 
+PY_CLIENT = r"""
+import ctypes, os, struct, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+mnt = sys.argv[1]
+dev = os.open(mnt + "/vfio/devices/vfio0", os.O_RDWR)
+iommus = [os.open(mnt + "/iommu", os.O_RDWR) for _ in range(3)]
+errors = []
+seen = {}
+def work(n):
+    for i in range(50):
+        info = ctypes.create_string_buffer(struct.pack("<I", 24), 24)
+        if libc.ioctl(dev, 0x3B6B, info) != 0 or struct.unpack_from("<4I", info.raw)[2:] != (9, 5):
+            errors.append(("info", ctypes.get_errno()))
+        io = iommus[(n + i) % 3]
+        b = ctypes.create_string_buffer(struct.pack("<IIiI", 16, 0, io, 0), 16)
+        if libc.ioctl(dev, 0x3B76, b) != 0:
+            errors.append(("bind", ctypes.get_errno()))
+        else:
+            devid = struct.unpack_from("<I", b.raw, 12)[0]
+            if seen.setdefault(io, devid) != devid:
+                errors.append(("devid", io, devid, seen[io]))
+ts = [threading.Thread(target=work, args=(n,)) for n in range(3)]
+for t in ts: t.start()
+for t in ts: t.join()
+if len(set(seen.values())) != 3:
+    errors.append(("not distinct", seen))
+print("errors", errors)
+"""
+
+
+async def test_python_ctypes_clients_in_threads(served: Served) -> None:
+    """Each bind must find the very iommufd open its fd names, from any thread of any process."""
+    outs: list[str] = []
+
+    async def one() -> None:
+        with trio.fail_after(60):
+            r = await trio.run_process([sys.executable, "-c", PY_CLIENT, str(served.mnt)], capture_stdout=True)
+        outs.append(r.stdout.decode().strip())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one)
+        n.start_soon(one)
+    assert outs == ["errors []", "errors []"]
+    await served.settle()
+    assert len(served.k.binds) == 2 * 3 * 50
+
+
 async def test_caller_killed_mid_call(served: Served, client: str) -> None:
     k = served.k
     k.reset_delay = 1.0
