@@ -31,9 +31,22 @@ def standin(mode: str, script: str, **kw: object) -> subprocess.CompletedProcess
     )
 
 
-def host_view() -> tuple[str, list[str], list[str], bool]:
+def relevant_mounts() -> list[str]:
+    """The host's mounts a run could disturb: /, /dev/..., /sys/..., and any
+    staging directory of ours. (Other suites may mount elsewhere meanwhile.)"""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point == "/sys/fs/fuse/connections":
+            continue  # fusectl: other suites' FUSE tests may mount it on the host
+        if point == "/" or point.startswith(("/dev", "/sys", "/tmp/fakedev-")):
+            out.append(line)
+    return out
+
+
+def host_view() -> tuple[list[str], list[str], list[str], bool]:
     return (
-        Path("/proc/self/mountinfo").read_text(),
+        relevant_mounts(),
         sorted(os.listdir("/dev")),
         sorted(os.listdir("/sys/bus/pci/devices")),
         os.path.exists("/sys/class/vfio-dev"),
