@@ -98,6 +98,9 @@ CAP_KEYS = {"pm", "msi", "msix", "pcie", "af", "acs"}
 
 VFIO_PCI = "vfio-pci"
 
+#: bytes a capability needs for what the model reads of it (PM, MSI, PCIe v1, MSI-X, AF)
+_CAP_MIN_LEN = {0x01: 8, 0x05: 10, 0x10: 0x24, 0x11: 12, 0x13: 6}
+
 # where the "firmware" places BARs
 _IO_START, _IO_END = 0x2000, 0x10000
 _MEM_START, _MEM_END = 0xC000_0000, 0xFEC0_0000
@@ -476,6 +479,14 @@ class _Loader:
                 f, ("config_file",), f"{rel}: header type {header} is not supported (0 or 1)"
             )
         probe = PciDev(bus=PciBus(0, 0), devfn=0, config=cfg)
+        for cid, pos in probe.capabilities():
+            need = _CAP_MIN_LEN.get(cid, 2)
+            if pos + need > PCI_CFG_SPACE_SIZE:
+                self.fn_fail(
+                    f,
+                    ("config_file",),
+                    f"{rel}: capability {cid:#04x} at {pos:#x} runs past the 256-byte header space",
+                )
         ptype = probe.pcie_type
         if header == 1:
             f.kind = _PCIE_TO_KIND.get(ptype, "pci-bridge") if ptype is not None else "pci-bridge"

@@ -287,3 +287,40 @@ def test_config_file_errors(tmp_path: Path) -> None:
     p = _file_tree(tmp_path, 'config_file = "absent.bin"')
     with pytest.raises(TreeError, match="cannot read"):
         load_tree(p)
+
+
+def test_config_file_with_a_capability_past_the_end(tmp_path: Path) -> None:
+    cfg = bytearray(build_config(nic_spec()))
+    cfg[0x34] = 0xFC  # chain starts with a capability that cannot fit
+    cfg[0xFC] = 0x10
+    (tmp_path / "cut.bin").write_bytes(bytes(cfg))
+    extra = 'iommu_group = 13\nbars = [{ index = 0, type = "mem32", size = 0x20000 }]\n'
+    with pytest.raises(TreeError, match="runs past"):
+        load_tree(_file_tree(tmp_path, 'config_file = "cut.bin"', extra))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=256, max_size=256), status=st.booleans(), ptr=st.integers(0, 255))
+def test_any_config_bytes_load_or_are_refused(data: bytes, status: bool, ptr: int) -> None:
+    import tempfile
+
+    from fakedev.host.sysfs import resource_lines
+
+    cfg = bytearray(data)
+    cfg[0:2] = b"\x36\x1b"
+    cfg[0x0E] &= 0x81  # header type 0 or 1
+    cfg[0x06] = 0x10 if status else 0
+    cfg[0x34] = ptr
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        (t / "c.bin").write_bytes(bytes(cfg))
+        head = 'root_buses = ["0000:00"]\n[[function]]\nbdf = "0000:00:02.0"\n'
+        sec = "secondary_bus = 5\n" if cfg[0x0E] & 0x7F == 1 else ""
+        (t / "tree.toml").write_text(head + 'config_file = "c.bin"\n' + sec)
+        try:
+            tree = load_tree(t / "tree.toml")
+        except TreeError:
+            return
+    for d in tree.topology.devices():
+        d.reset_methods()
+        assert len(resource_lines(d)) in (13, 17)
