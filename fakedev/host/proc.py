@@ -66,8 +66,12 @@ _statx.restype = ctypes.c_int
 _addressof = ctypes.addressof
 
 
-class NeedsWorker(Exception):
-    """fget found one of our own opens while running on the FUSE loop thread."""
+class NeedsWorker(BaseException):  # noqa: N818 - a signal, not an error
+    """fget found one of our own opens while running on the FUSE loop thread.
+
+    A BaseException so that no ``except Exception`` in the model swallows it: the
+    glue catches it and runs the call again in a worker thread.
+    """
 
 
 def fd_dev(fd: int) -> tuple[int, int]:
