@@ -66,7 +66,7 @@ _statx.restype = ctypes.c_int
 _addressof = ctypes.addressof
 
 
-class NeedsWorker(BaseException):  # noqa: N818 - a signal, not an error
+class NeedsWorker(BaseException):
     """fget found one of our own opens while running on the FUSE loop thread.
 
     A BaseException so that no ``except Exception`` in the model swallows it: the
