@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("show", "trace-decode"):
+        # Printing into `| head` ends quietly, as other tools do.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -194,14 +197,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CliError(f"mount: {args.dir} is not a directory")
 
     async def serve() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, args.dir)
-            print(f"{PROG}: serving at {args.dir} (Ctrl-C to stop)", file=sys.stderr)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, str(args.dir))
+                print(f"{PROG}: serving at {args.dir} (Ctrl-C to stop)", file=sys.stderr)
+                async for _signum in signals:
+                    nursery.cancel_scope.cancel()  # serve() unmounts on the way out
+                    break
 
-    try:
-        trio.run(serve)
-    except KeyboardInterrupt:
-        pass
+    trio.run(serve)
     return 0
 
 
@@ -288,5 +292,4 @@ def cmd_trace_decode(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,3 +136,23 @@ def test_missing_command_and_bad_tree() -> None:
     r = subprocess.run(fakedev_cmd("show", "--tree", "/nonexistent.toml"),
                        capture_output=True, text=True, env=fakedev_env())
     assert r.returncode == 1 and "fakedev:" in r.stderr
+
+
+def test_mount_serves_in_the_foreground_and_unmounts_on_sigterm(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        fakedev_cmd("mount", "--tree", str(FIXTURES / "dual-function-nic.toml"), str(mnt)),
+        stderr=subprocess.PIPE, text=True, env=fakedev_env(),
+    )
+    assert proc.stderr is not None
+    try:
+        assert "serving at" in proc.stderr.readline()
+        assert sorted(os.listdir(mnt / "vfio" / "devices")) == ["vfio0", "vfio1"]
+        show = subprocess.run(fakedev_cmd("show", "--mount", str(mnt)), capture_output=True,
+                              text=True, env=fakedev_env())
+        assert show.returncode == 0 and "0000:01:00.1" in show.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not os.path.ismount(mnt)
