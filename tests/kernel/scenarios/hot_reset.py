@@ -27,6 +27,7 @@ from tests.kernel.harness import (
     group_path,
     hot_reset,
     hot_reset_info,
+    ioas_alloc,
 )
 from tests.kernel.scenarios.common import (
     DUAL,
@@ -374,4 +375,41 @@ SCENARIOS += [
         *cdev_bound(bdf=L0, devid=1),
         Resets(L0),
     ], doc="vfio_pci_core_enable: pci_try_reset_function at first open"),
+]
+
+# -- more edges: group fds without a container, reset failure, resets at open/close ---
+SCENARIOS += [
+    Scenario("hr-group-fd-without-container-proves-ownership", DUAL, BOTH, [
+        *group_container(bdfs=(F0,), names=("g13",)), *group_device(grp="g13"),
+        Open("p", group_path(F1), "g14"),
+        MarkResets(),
+        hot_reset("p", "gd0", ["g13", "g14"]), Resets(F0, F1),
+    ], doc="SPEC 4.7: group mode owns a device iff a supplied group file is its group (vfio_file_has_dev); "
+           "no container needed on that group"),
+    Scenario("hr-reset-errno-nothing-reset", DUAL, BOTH, [
+        *_both_bound(), MarkResets(),
+        SetHook("reset_errno", {F1: E.EIO}),
+        hot_reset("p", "d1", [], err=E.EIO),
+        NoResets(),
+    ]),
+    Scenario("hr-flr-close-function-reset", FLR, BOTH, [
+        *cdev_bound(bdf=L0, devid=1), MarkResets(),
+        Close("p", "d0"), Resets(L0),
+    ], doc="vfio_pci_core_disable: function reset at close (FLR works), no bus reset needed after"),
+    Scenario("hr-root-bus-open-close-pm-reset", ROOT, BOTH, [
+        MarkResets(),
+        *cdev_bound(bdf=R0, devid=1), Resets(R0),
+        device_reset("p", "d0"), Resets(R0),
+        Close("p", "d0"), Resets(R0),
+    ], doc="a root-bus device with a PM reset: reset at open, VFIO_DEVICE_RESET, reset at close"),
+    Scenario("hr-hotplug-last-close-slot-reset", HOTPLUG, BOTH, [
+        *cdev_bound(bdf=H0, devid=1), MarkResets(),
+        Close("p", "d0"), Resets(H0, H1),
+    ], doc="SPEC 4.5: the dev_set is the slot; its last close resets the slot"),
+    Scenario("hr-info-caller-entry-always-devid", SHARED, BOTH, [
+        *cdev_bound(devid=1), ioas_alloc("p", "A", ioas=2),
+        Open("p", cdev_path(F1), "d1"), bind("p", "d1", "A", devid=3),
+        Close("p", "d0"),
+        hot_reset_info("p", "d1", argsz=28, count=2, out_flags=3, entries=[entry(OWNED, F0), entry(3, F1)]),
+    ]),
 ]
