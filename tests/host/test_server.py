@@ -149,7 +149,9 @@ async def test_poll_and_wakeup(served: Served, client: str) -> None:
     assert proc.stdin is not None and proc.stdout is not None
     try:
         with trio.fail_after(20):
-            first = await proc.stdout.receive_some()
+            first = b""
+            while not first.endswith(b"\n"):
+                first += await proc.stdout.receive_some(1)
             assert first == b"poll 1 1\n"
             served.k.readable = False
             await proc.stdin.send_all(b"go\n")
@@ -274,7 +276,7 @@ async def test_python_ctypes_clients_in_threads(served: Served) -> None:
 
 async def test_caller_killed_mid_call(served: Served, client: str) -> None:
     k = served.k
-    k.reset_delay = 1.0
+    k.reset_delay = 1.5
     proc = await trio.lowlevel.open_process([client, str(served.mnt), "slow"], stdout=subprocess.PIPE)
     try:
         with trio.fail_after(10):
