@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -96,6 +97,7 @@ class Server:
         self.connection: int | None = None
         self.unexpected_errors = 0
         self._fd = -1
+        self._worker_tids: set[int] = set()
         self.releases = 0
         self._files: dict[int, File] = {}
         self._paths: dict[int, str] = {}
@@ -279,7 +281,11 @@ class Server:
                 except NeedsWorker:
                     pass
             task = ProcessTask(req.pid, self.ctx, False)
-            return await trio.to_thread.run_sync(self._guard, req, fn, task)
+            return await trio.to_thread.run_sync(self._guard_in_worker, req, fn, task)
+
+    def _guard_in_worker(self, req: P.Request, fn: Callable[[ProcessTask], bytes], task: ProcessTask) -> bytes:
+        self._worker_tids.add(threading.get_native_id())  # so identity ioctls need no /proc lookup
+        return self._guard(req, fn, task)
 
     def _poke_pollers(self) -> None:
         if not self._pollers or self.session is None:
@@ -504,7 +510,7 @@ class Server:
         """Which open is this? Answered only to our own threads (fget's worker)."""
         if req.fh not in self._files and req.fh not in self._controls:
             return P.reply_error(req.unique, errno.ENOTTY)
-        if not os.path.exists(f"/proc/self/task/{req.pid}"):
+        if req.pid not in self._worker_tids and not os.path.exists(f"/proc/self/task/{req.pid}"):
             return P.reply_error(req.unique, errno.ENOTTY)
         return P.reply_ioctl(req.unique, req.fh)
 
