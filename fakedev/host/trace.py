@@ -85,8 +85,14 @@ class Tracer:
     @staticmethod
     def fd_of(task: ProcessTask, node_path: str | None) -> int | None:
         """The caller's fd number for ``node_path`` (relative to the mount), if unique."""
+        found = Tracer.fds_of(task, node_path)
+        return found[0] if len(found) == 1 else None
+
+    @staticmethod
+    def fds_of(task: ProcessTask, node_path: str | None) -> list[int]:
+        """The caller's fd numbers open on ``node_path`` (two opens of a node are not told apart)."""
         if not node_path:
-            return None
+            return []
         try:
             pid = task.pid
             d = f"/proc/{pid}/fd"
@@ -98,9 +104,9 @@ class Tracer:
                     continue
                 if link.endswith("/" + node_path):
                     found.append(int(name))
-            return found[0] if len(found) == 1 else None
+            return sorted(found)
         except (OSError, KernelError):
-            return None
+            return []
 
     @staticmethod
     def _read_arg(task: ProcessTask, io: ioctls.Ioctl | None, arg: int) -> Any:
@@ -143,7 +149,8 @@ class Tracer:
         io, req = before
         out = self._read_arg(task, io, arg) if io is not None and io.arg is Arg.STRUCT else None
         name = io.name if io is not None else f"ioctl[{cmd:#x}]"
-        fd = self.fd_of(task, node_path)
+        fds = self.fds_of(task, node_path)
+        fd = fds[0] if len(fds) == 1 else None
         label = getattr(file, "label", "?")
         if isinstance(req, dict):
             shown = _fmt_struct(req)
@@ -153,12 +160,13 @@ class Tracer:
             shown = f"{arg:#x}" if io is None else ""
         else:
             shown = str(req) if io is None or io.arg is not Arg.PTR_INT else f"[{req}]"
-        args = f"fd={fd if fd is not None else '?'} {label}" + (f", {shown}" if shown else "")
+        args = f"fd={'|'.join(map(str, fds)) or '?'} {label}" + (f", {shown}" if shown else "")
         ret = f"{result}" if err is None else f"-1 {errname(err)}"
         text = f"[pid {task.tid}] {name}({args}) = {ret}"
         if isinstance(out, dict) and err is None and out != req:
             text += f" => {_fmt_struct(out)}"
-        self._emit({"t": time.time(), "op": "ioctl", "pid": task.tid, "fd": fd, "node": label,
+        self._emit({"t": time.time(), "op": "ioctl", "pid": task.tid, "fd": fd, "fd_candidates": fds,
+                    "node": label,
                     "name": name, "cmd": cmd, "arg": arg, "request": req, "result_struct": out,
                     "result": result, "errno": None if err is None else errname(err)}, text)
 
