@@ -310,3 +310,40 @@ SCENARIOS: list[Scenario] = [
         destroy("p", "A", V("hwpt"), err=E.EBUSY),
     ]),
 ]
+
+SCENARIOS += [
+    Scenario("attach-shared-group-other-hwpt-einval", SHARED, BOTH, [
+        *cdev_bound(devid=1), ioas_alloc("p", "A", ioas=2), attach("p", "d0", 2, pt_out=3),
+        Open("p", cdev_path(F1), "d1"), bind("p", "d1", "A", devid=4),
+        ioas_alloc("p", "A", ioas=5),
+        attach("p", "d1", 5, err=E.EINVAL),
+        ioas_alloc("p", "A", ioas=6),
+        attach("p", "d1", 3, pt_out=3),
+    ], doc="SPEC 3.5: the group is attached to another hwpt -> EINVAL; the auto hwpt made for the try is "
+           "aborted (its ID is free again)"),
+    Scenario("attach-shared-group-replace-moves-group", SHARED, BOTH, [
+        *cdev_bound(devid=1), ioas_alloc("p", "A", ioas=2), attach("p", "d0", 2, pt_out=3),
+        Open("p", cdev_path(F1), "d1"), bind("p", "d1", "A", devid=4), attach("p", "d1", 2, pt_out=3),
+        ioas_alloc("p", "A", ioas=5),
+        attach("p", "d0", 5, pt_out=6),
+        destroy("p", "A", 3, err=E.ENOENT),
+        destroy("p", "A", 2),
+        detach("p", "d0"),
+        destroy("p", "A", 6, err=E.EBUSY),
+        detach("p", "d1"),
+        destroy("p", "A", 5),
+    ], doc="iommufd_device_do_replace: the whole iommu group moves to the new hwpt (6.6 device.c)"),
+    Scenario("bind-writes-only-out-devid", DUAL, BOTH, [
+        Open("p", "iommu", "A"), Open("p", cdev_path(F0), "d0"),
+        bind("p", "d0", "A", argsz=24, buflen=32, pack_len=16, devid=1,
+             check=lambda w, v, raw: _untouched(raw, 16)),
+    ], doc="SPEC 3.4 step 8: only out_devid is copied back; argsz > minsz is fine"),
+    Scenario("attach-writes-only-pt-id", DUAL, BOTH, [
+        *cdev_bound(devid=1), ioas_alloc("p", "A", ioas=2),
+        attach("p", "d0", 2, argsz=16, buflen=24, pack_len=12, pt_out=3, check=lambda w, v, raw: _untouched(raw, 12)),
+    ], doc="SPEC 3.5: the hwpt id is written back into pt_id only"),
+]
+
+
+def _untouched(raw: bytes, start: int) -> None:
+    assert all(b == 0xA5 for b in raw[start:]), f"bytes from {start} written: {raw[start:].hex()}"
