@@ -413,3 +413,40 @@ SCENARIOS += [
         hot_reset_info("p", "d1", argsz=28, count=2, out_flags=3, entries=[entry(OWNED, F0), entry(3, F1)]),
     ]),
 ]
+
+# -- a four-function card behind a switch (fixtures/large.toml) --------------------
+LARGE = "large"
+S0, S1, S2, S3 = (f"0000:03:00.{i}" for i in range(4))  # behind a slot with slot reset
+B0, B1, B2, B3 = (f"0000:04:00.{i}" for i in range(4))  # bus reset only
+
+
+def _large_two_bound() -> list:
+    return [*cdev_bound(bdf=S0, devid=1), Open("p", cdev_path(S1), "d1"), bind("p", "d1", "A", devid=2)]
+
+
+SCENARIOS += [
+    Scenario("hr-large-slot-card-info-6.6", LARGE, V66, [
+        *_large_two_bound(),
+        hot_reset_info("p", "d0", argsz=28, buflen=44, err=E.ENOSPC, count=4, out_flags=3,
+                       entries=[entry(1, S0), entry(2, S1)]),
+        hot_reset_info("p", "d0", argsz=44, count=4, out_flags=1,
+                       entries=[entry(1, S0), entry(2, S1), entry(NOT_OWNED, S2), entry(NOT_OWNED, S3)]),
+        hot_reset("p", "d0", [], err=E.EINVAL),
+    ], doc="SPEC 4.6 B with four functions: the two entries that fit were owned, flags stay 0x3"),
+    Scenario("hr-large-slot-card-info-6.12", LARGE, V612, [
+        *_large_two_bound(),
+        hot_reset_info("p", "d0", argsz=28, buflen=44, err=E.ENOSPC, count=4, out_flags=0, entries=UNTOUCHED),
+        hot_reset_info("p", "d0", argsz=44, count=4, out_flags=1,
+                       entries=[entry(1, S0), entry(2, S1), entry(NOT_OWNED, S2), entry(NOT_OWNED, S3)]),
+    ]),
+    Scenario("hr-large-bus-card-group-reset", LARGE, V66, [
+        *group_container(bdfs=(B0, B1, B2, B3), names=("g0", "g1", "g2", "g3")),
+        *group_device(bdf=B2, grp="g2", dev="gd2"),
+        hot_reset_info("p", "gd2", argsz=44, count=4, out_flags=0,
+                       entries=[gentry(B0), gentry(B1), gentry(B2), gentry(B3)]),
+        hot_reset("p", "gd2", ["g0", "g1", "g2"], err=E.EINVAL),
+        hot_reset("p", "gd2", ["g0", "g1", "g2", "g3", "g3"], err=E.EINVAL),
+        MarkResets(),
+        hot_reset("p", "gd2", ["g3", "g2", "g1", "g0"]), Resets(B0, B1, B2, B3),
+    ], doc="the card's bus is its dev_set; only its four functions are reset"),
+]
