@@ -8,6 +8,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,36 @@ def unprivileged_user() -> str:
     except KeyError:
         subprocess.run(["useradd", "--create-home", UNPRIVILEGED_USER], check=True)
     return UNPRIVILEGED_USER
+
+
+RUNTIME_PACKAGES = ("fakedev", "trio", "attr", "attrs", "sortedcontainers", "idna", "outcome",
+                    "sniffio")
+
+
+def user_can_read(user: str, path: Path) -> bool:
+    return subprocess.run(["runuser", "-u", user, "--", "test", "-r", str(path)]).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def user_pythonpath(unprivileged_user: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A PYTHONPATH the unprivileged user can read: ours if it can, else a
+    world-readable copy of the runtime packages (e.g. a checkout under /root;
+    FAKEDEV_TEST_COPY_SITE=1 forces the copy)."""
+    import importlib
+
+    paths = python_env()["PYTHONPATH"].split(os.pathsep)
+    if not os.environ.get("FAKEDEV_TEST_COPY_SITE") and all(user_can_read(unprivileged_user, Path(p)) for p in paths if Path(p).exists()):
+        if user_can_read(unprivileged_user, REPO / "fakedev" / "__init__.py"):
+            return python_env()["PYTHONPATH"]
+    shared = Path(tempfile.mkdtemp(prefix="fakedev-site-"))
+    for name in RUNTIME_PACKAGES:
+        mod = importlib.import_module(name)
+        assert mod.__file__ is not None
+        src = Path(mod.__file__).parent
+        shutil.copytree(src, shared / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for d in (shared, *shared.rglob("*")):
+        d.chmod(0o755 if d.is_dir() else 0o644)
+    return str(shared)
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,11 @@ FIXTURES = REPO / "fixtures"
 from tests.cli.conftest import (  # noqa: E402  (fixtures shared with tests/cli)
     dev_fuse_usable_by_all,
     unprivileged_user,
+    user_pythonpath,
     userns_allowed,
 )
 
-__all__ = ["dev_fuse_usable_by_all", "unprivileged_user", "userns_allowed"]
+__all__ = ["dev_fuse_usable_by_all", "unprivileged_user", "user_pythonpath", "userns_allowed"]
 
 
 def fakedev_env() -> dict[str, str]:

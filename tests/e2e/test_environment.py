@@ -103,7 +103,11 @@ def test_show_from_outside_and_inside() -> None:
 
 
 def test_run_as_unprivileged_user(
-    hotreset: str, unprivileged_user: str, userns_allowed: None, dev_fuse_usable_by_all: None
+    hotreset: str,
+    unprivileged_user: str,
+    user_pythonpath: str,
+    userns_allowed: None,
+    dev_fuse_usable_by_all: None,
 ) -> None:
     exe = unprivileged_python(unprivileged_user)
     if exe is None:
@@ -114,10 +118,13 @@ def test_run_as_unprivileged_user(
     client = shared / "hotreset"
     shutil.copy(hotreset, client)
     client.chmod(0o755)
+    tree = shared / "tree.toml"
+    shutil.copy(FIXTURES / "dual-function-nic.toml", tree)
+    tree.chmod(0o644)
     r = subprocess.run(
         ["runuser", "-u", unprivileged_user, "--", "env",
-         f"PYTHONPATH={fakedev_env()['PYTHONPATH']}", exe, "-m", "fakedev.cli.main", "run",
-         "--tree", str(FIXTURES / "dual-function-nic.toml"), "--",
+         f"PYTHONPATH={user_pythonpath}", exe, "-m", "fakedev.cli.main", "run",
+         "--tree", str(tree), "--",
          "sh", "-c", f"id -u; '{client}' 0000:01:00.0 0000:01:00.1"],
         capture_output=True, text=True, timeout=120, cwd="/",
     )
