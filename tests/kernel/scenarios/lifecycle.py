@@ -193,3 +193,17 @@ SCENARIOS: list[Scenario] = [
         xfail={"*": "model bug: IOMMU_IOAS_MAP does not pin (read) the user pages when a domain is "
                     "attached; expected EFAULT for an unmapped user_va, got 0 (mapping created)"}),
 ]
+
+SCENARIOS += [
+    Scenario("life-cross-path-same-iommufd-hot-reset", DUAL, BOTH, [
+        Open("p", "iommu", "A"),
+        Open("p", group_path(F1), "g14"), set_container("p", "g14", "A"),
+        get_device_fd("p", "g14", F1, save_fd="gd1"),
+        Open("p", cdev_path(F0), "d0"), bind("p", "d0", "A", devid=4),
+        hot_reset_info("p", "d0", argsz=28, count=2, out_flags=3, entries=[entry(4, F0), entry(2, F1)]),
+        hot_reset("p", "gd1", ["g14"], err=E.EINVAL),
+        MarkResets(),
+        hot_reset("p", "d0", []), Resets(F0, F1),
+    ], doc="vfio_iommufd_get_dev_id: a group-opened device bound (GET_DEVICE_FD) to the caller's iommufd "
+           "reports its devid (compat IOAS 1, device 2, auto hwpt 3, cdev devid 4) and counts as owned"),
+]
