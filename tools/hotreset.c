@@ -536,7 +536,7 @@ int main(int argc, char **argv)
 			d->fd = ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, d->bdf);
 			if (d->fd < 0)
 				die_env("GROUP_GET_DEVICE_FD");
-			printf("device: %s fd\n", d->bdf);
+			printf("device: %s fd=%d\n", d->bdf, d->fd);
 		}
 		uint32_t n = count >= 0 ? (uint32_t)count : (uint32_t)ngroups;
 		for (uint32_t g = 0; g < n && g < (uint32_t)ngroups; g++)

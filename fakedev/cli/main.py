@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="use a user namespace even when root (default: only when not root)",
     )
+    run.add_argument(
+        "--supervise",
+        action="store_true",
+        help="trap VFIO_GROUP_GET_DEVICE_FD with a seccomp supervisor so the legacy "
+        "group path works (sets no_new_privs for CMD)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     mnt = sub.add_parser("mount", help="serve the device nodes at DIR in the foreground")
@@ -172,7 +178,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fakedev.cli.session import OwnedNodes, RunSession
 
     tree, kernel = load_kernel(args.tree)
-    served = OwnedNodes(kernel, ns.uid, ns.gid) if ns.rootless else kernel
+    served: Any = kernel
+    adopting = None
+    if args.supervise:
+        from fakedev.cli.legacy import AdoptingKernel
+
+        served = adopting = AdoptingKernel(kernel)
+    if ns.rootless:
+        served = OwnedNodes(served, ns.uid, ns.gid)
     server = make_server(served, args.trace, args.trace_text)
     session = RunSession(
         tree=tree,
@@ -181,6 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd=cmd,
         rootless=ns.rootless,
         staging_root=Path(tempfile.mkdtemp(prefix="fakedev-")),
+        adopting=adopting,
     )
     return trio.run(session.run)
 

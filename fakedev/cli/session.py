@@ -90,6 +90,9 @@ class RunSession:
     stderr: Any = sys.stderr
     generate: Callable[[Path, Any, Any], None] = generate_sysfs_into
     returncode: int | None = None
+    #: set for ``--supervise``: the AdoptingKernel the server serves
+    adopting: Any = None
+    _supervisor: Any = None
     _staging: namespace.Staging | None = None
     _scope: trio.CancelScope | None = None
 
@@ -149,6 +152,13 @@ class RunSession:
                     self._say(f"cannot place the devices: {exc}")
                     nursery.cancel_scope.cancel()
                     return 1
+                if self.adopting is not None:
+                    from fakedev.cli.legacy import DeviceFdHandler
+                    from fakedev.host.supervisor import Supervisor
+
+                    handler = DeviceFdHandler(self.server, self.adopting, self._staging.fuse_dir)
+                    self._supervisor = Supervisor(handler)
+                    nursery.start_soon(self._supervisor.run)
                 try:
                     proc = await nursery.start(self._run_child, env)
                 except OSError as exc:
@@ -169,7 +179,10 @@ class RunSession:
                 return
             proc.kill()
 
-        proc = await trio.lowlevel.open_process(list(self.cmd), env=env)
+        if self._supervisor is not None:
+            proc = await self._supervisor.start_process(list(self.cmd), env=env)
+        else:
+            proc = await trio.lowlevel.open_process(list(self.cmd), env=env)
         task_status.started(proc)
         try:
             rc = await proc.wait()

@@ -150,3 +150,47 @@ def test_host_driver_sibling_cannot_be_reset(hotreset: str) -> None:
     assert lines_of(r.stdout, "info") == ["flags=0x1 count=2"]
     assert lines_of(r.stdout, "dev")[1] == "0000:01:00.1 devid=NOT_OWNED"
     assert lines_of(r.stdout, "reset") == ["-1 EINVAL"]
+
+
+# The legacy group path: GROUP_GET_DEVICE_FD creates an fd in the caller,
+# which needs `fakedev run --supervise` (seccomp user notification).
+
+
+def test_legacy_group_path_reset_with_every_group_fd(hotreset: str) -> None:
+    r = fakedev_run(
+        "dual-function-nic",
+        run_then_state([hotreset, "--legacy", "0000:01:00.0", "0000:01:00.1"]),
+        extra=["--supervise"],
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert lines_of(r.stdout, "group") == [
+        "0000:01:00.0 group=13 viable=1", "0000:01:00.1 group=14 viable=1"
+    ]
+    assert [d.split(" fd=")[0] for d in lines_of(r.stdout, "device")] == [
+        "0000:01:00.0", "0000:01:00.1"
+    ]
+    assert lines_of(r.stdout, "info") == ["flags=0x0 count=2"]
+    assert lines_of(r.stdout, "dev") == ["0000:01:00.0 group=13", "0000:01:00.1 group=14"]
+    assert lines_of(r.stdout, "reset") == ["0"]
+    assert sorted(hot_reset_bdfs(state_after(r.stdout))) == ["0000:01:00.0", "0000:01:00.1"]
+
+
+@pytest.mark.parametrize(
+    ("count", "why"),
+    [(1, "group 14 not proven"), (3, "more fds than devices"), (0, "group caller must pass fds")],
+)
+def test_legacy_group_path_wrong_fd_arrays(hotreset: str, count: int, why: str) -> None:
+    r = fakedev_run(
+        "dual-function-nic",
+        [hotreset, "--legacy", "--count", str(count), "--expect-reset", "EINVAL",
+         "0000:01:00.0", "0000:01:00.1"],
+        extra=["--supervise"],
+    )
+    assert r.returncode == 0, why + "\n" + r.stdout + r.stderr
+    assert lines_of(r.stdout, "reset") == ["-1 EINVAL"]
+
+
+def test_legacy_get_device_fd_without_supervisor_fails_cleanly(hotreset: str) -> None:
+    r = fakedev_run("dual-function-nic", [hotreset, "--legacy", "0000:01:00.0"])
+    assert r.returncode == 2
+    assert "GROUP_GET_DEVICE_FD" in r.stderr
