@@ -18,6 +18,7 @@ from tests.kernel.scenarios import (
     hot_reset,
     iommufd_objects,
     lifecycle,
+    versions,
     worked_examples,
 )
 
@@ -32,4 +33,5 @@ ALL: list[Scenario] = [
     *hot_reset.SCENARIOS,
     *device_io.SCENARIOS,
     *lifecycle.SCENARIOS,
+    *versions.SCENARIOS,
 ]
