@@ -88,9 +88,42 @@ def _scalar(value: Any) -> str:
     return str(value)
 
 
+def _holders(state: Mapping[str, Any]) -> Iterator[str]:
+    """One line per vfio device and iommu group: who holds it, and how."""
+    for dev in state.get("devices", []) or []:
+        if not isinstance(dev, Mapping):
+            continue
+        name = f"{dev.get('vfio', '?')} {dev.get('bdf', '?')}"
+        if dev.get("open_count"):
+            how = "cdev" if dev.get("cdev_opened") else "group"
+            held = f"open ({how}) by pid {dev.get('opener_pid', '?')}"
+            if dev.get("iommufd"):
+                held += f", bound to {dev['iommufd']} as devid {dev.get('devid')}"
+            if dev.get("attached_pt") is not None:
+                held += f", attached to pt {dev['attached_pt']}"
+        else:
+            held = "free"
+        yield f"  {name}: {held}"
+    for grp in state.get("groups", []) or []:
+        if not isinstance(grp, Mapping):
+            continue
+        parts = []
+        if grp.get("open"):
+            parts.append(f"open by pid {grp.get('opener_pid', '?')}")
+        if grp.get("container"):
+            parts.append("in a container")
+        if grp.get("dma_owner"):
+            parts.append(f"DMA owned by {grp['dma_owner']}")
+        yield f"  group {grp.get('id', '?')}: {', '.join(parts) or 'free'}"
+
+
 def render_state(state: Mapping[str, Any], *, source: str | None = None) -> str:
-    """A server's ``describe()`` snapshot as indented text."""
+    """A server's ``describe()`` snapshot: who holds what, then everything."""
     lines = [f"state from {source}"] if source else []
+    holders = list(_holders(state))
+    if holders:
+        lines.append("holders:")
+        lines.extend(holders)
     lines.extend(_plain(state))
     return "\n".join(lines)
 

@@ -163,3 +163,30 @@ def test_mount_serves_in_the_foreground_and_unmounts_on_sigterm(tmp_path: Path) 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert not os.path.ismount(mnt)
+
+
+def test_show_pid_from_outside_tells_who_holds_what(hotreset: str) -> None:
+    proc = subprocess.Popen(
+        fakedev_cmd("run", "--tree", str(FIXTURES / "dual-function-nic.toml"), "--",
+                    hotreset, "--no-reset", "--hold", "0000:01:00.0"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=fakedev_env(),
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        while (line := proc.stdout.readline()) != "ready\n":
+            assert line, "the client ended before it was ready"
+        holder = next(
+            p for p in os.listdir("/proc")
+            if p.isdigit() and Path(f"/proc/{p}/cmdline").read_bytes().startswith(
+                hotreset.encode())
+        )
+        r = subprocess.run(fakedev_cmd("show", "--pid", holder), capture_output=True,
+                           text=True, env=fakedev_env())
+        assert r.returncode == 0, r.stderr
+        assert f"vfio0 0000:01:00.0: open (cdev) by pid {holder}, bound to iommufd1" in r.stdout
+        assert "vfio1 0000:01:00.1: free" in r.stdout
+        assert "group 13: DMA owned by iommufd1" in r.stdout
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
