@@ -282,8 +282,8 @@ def write_results(results: dict[tuple[str, int, int], dict[str, float]], repeat:
         "loop can answer the identity ioctl the lookup issues on our own mount; the two thread "
         "hand-offs and the extra FUSE round trip dominate its cost. Such calls are set-up calls "
         "(BIND_IOMMUFD, SET_CONTAINER, SET_IRQS, PCI_HOT_RESET, IOAS_MAP_FILE), not per-I/O ones.",
-        "- One Python loop serves every thread, so fakedev's calls/s do not grow with client "
-        "threads; the C server runs a thread per request.",
+        "- One Python loop serves every thread, so fakedev's calls/s grow little with client "
+        "threads; the C server answers on a pool of threads.",
     ]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
