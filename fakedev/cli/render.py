@@ -26,6 +26,9 @@ def _dev_line(dev: PciDev, vfio_index: Mapping[str, int]) -> str:
 def _bus_lines(bus: PciBus, vfio_index: Mapping[str, int], indent: str) -> Iterator[str]:
     reset = "bus reset" if bus.probe_reset_bus() else "no bus reset"
     yield f"{indent}bus {bus.domain:04x}:{bus.number:02x} ({reset})"
+    for slot in bus.slots:
+        kind = "slot reset" if slot.reset_capable else "no slot reset"
+        yield f"{indent}  hot-plug slot for device {slot.number:02x} ({kind})"
     for dev in bus.devices:
         yield f"{indent}  {_dev_line(dev, vfio_index)}"
         if dev.subordinate is not None:
