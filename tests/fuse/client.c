@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +29,8 @@ struct irqs { uint32_t argsz, flags, index, start, count; int32_t fds[2]; };
 struct hot_reset { uint32_t argsz, flags, count; };
 
 static const char *mnt;
+static volatile sig_atomic_t signals;
+static void on_signal(int sig) { (void)sig; signals++; }
 static int xopen(const char *rel) {
     char p[512];
     snprintf(p, sizeof p, "%s/%s", mnt, rel);
@@ -154,6 +157,17 @@ int main(int argc, char **argv) {
         int fails = 0;
         for (int i = 0; i < nthreads; i++) { pthread_join(th[i], NULL); fails += t[i].fails; }
         printf("fails %d\n", fails);
+        return 0;
+    }
+    if (!strcmp(mode, "slowsig")) { /* a slow call interrupted by a handled signal */
+        struct sigaction sa = { .sa_handler = on_signal };  /* no SA_RESTART */
+        sigaction(SIGUSR1, &sa, NULL);
+        int dev = xopen("vfio/devices/vfio0");
+        printf("open\n");
+        fflush(stdout);
+        struct hot_reset h = { .argsz = sizeof h };
+        int e = call(dev, VFIO_DEVICE_PCI_HOT_RESET, &h);
+        printf("slow %d signals %d\n", e, (int)signals);
         return 0;
     }
     if (!strcmp(mode, "slow")) { /* a slow call, then another call */

@@ -298,6 +298,29 @@ async def test_caller_killed_mid_call(served: Served, client: str) -> None:
     assert k.released == ["vfio0#0"]
 
 
+async def test_handled_signal_mid_call(served: Served, client: str) -> None:
+    k = served.k
+    k.reset_delay = 0.5
+    proc = await trio.lowlevel.open_process([client, str(served.mnt), "slowsig"], stdout=subprocess.PIPE)
+    try:
+        with trio.fail_after(20):
+            while k.resets_started == 0:
+                await trio.sleep(0.01)
+            proc.send_signal(signal.SIGUSR1)  # the server gets an INTERRUPT and answers ENOSYS
+            assert proc.stdout is not None
+            raw = b""
+            while chunk := await proc.stdout.receive_some():
+                raw += chunk
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert raw.decode().splitlines() == ["open", "slow 0 signals 1"]  # the call completed normally
+    assert k.resets_done == 1
+    await served.settle()
+
+
 async def test_trace_lines(served: Served, client: str) -> None:
     await in_thread((served.mnt / ".fakedev/trace").write_text, "on")
     await run(client, served.mnt, "errors")
