@@ -169,12 +169,36 @@ class StepFailure(AssertionError):
     pass
 
 
+#: describe() keys that only record resets (compared separately, see ``snapshot``)
+RESET_KEYS = ("resets", "reset_log")
+
+
+def _strip_resets(d: Any) -> Any:
+    d = copy.deepcopy(d)
+    for k in RESET_KEYS:
+        d.pop(k, None)
+    for dev in d.get("devices", []):
+        dev.pop("needs_reset", None)
+    return d
+
+
 def snapshot(w: World) -> Any:
+    """Kernel state a failed call must leave alone: describe() (minus reset records) and fd tables.
+
+    Resets are compared separately (``unwind_resets``): the kernel itself
+    resets a dev_set when it unwinds a half-done open (vfio_df_close in the
+    error path of vfio_df_group_open), so a failed call may add reset records
+    whose cause is "close", and nothing else.
+    """
     return (
-        copy.deepcopy(w.k.describe()),
-        len(w.k.reset_log),
+        _strip_resets(w.k.describe()),
         {p: sorted(proc.fds) for p, proc in w.procs.items() if proc.fds},
     )
+
+
+def bad_failure_resets(w: World, mark: int) -> list[str]:
+    """Reset records added since ``mark`` that a failed call may not make."""
+    return [f"{r.bdf} {r.method} ({r.cause})" for r in w.k.reset_log[mark:] if r.cause != "close"]
 
 
 class World:
@@ -860,6 +884,7 @@ def run(sc: Scenario, version: str) -> World:
     for i, step in enumerate(sc.steps):
         where = f"[{sc.name} @ {version}] step {i}: {step!r}"
         before = snapshot(w) if step.is_call() else None
+        nresets = len(w.k.reset_log)
         try:
             result = step.call(w)
             err = None
@@ -875,6 +900,9 @@ def run(sc: Scenario, version: str) -> World:
             if after != before:
                 raise StepFailure(f"{where}\n  failed with {errname(err)} but changed state:\n"
                                   f"  before={before}\n  after ={after}")
+            bad_resets = bad_failure_resets(w, nresets)
+            if bad_resets:
+                raise StepFailure(f"{where}\n  failed with {errname(err)} but reset {bad_resets}")
         if step.is_call():
             if step.err is not None:
                 if err != step.err:

@@ -14,7 +14,6 @@ sequences every time and stays well under a minute.
 
 from __future__ import annotations
 
-import copy
 import struct
 from typing import Any
 
@@ -30,7 +29,7 @@ from fakedev.uapi import consts as C
 from fakedev.uapi import ioctls as IO
 from fakedev.uapi import structs as S
 from fakedev.uapi.ioctls import FileKind
-from tests.kernel.harness import build_topology
+from tests.kernel.harness import _strip_resets, build_topology
 
 NPROC = 2
 PROCS = st.integers(0, NPROC - 1)
@@ -59,8 +58,7 @@ class KernelMachine(RuleBasedStateMachine):
 
     # -- helpers -------------------------------------------------------------
     def _snapshot(self) -> Any:
-        return (copy.deepcopy(self.k.describe()), len(self.k.reset_log),
-                [sorted(p.fds) for p in self.procs])
+        return (_strip_resets(self.k.describe()), [sorted(p.fds) for p in self.procs])
 
     def _fds(self, pi: int, *kinds: FileKind) -> list[int]:
         out = []
@@ -103,11 +101,14 @@ class KernelMachine(RuleBasedStateMachine):
 
     def _call(self, fn: Any) -> Any:
         before = self._snapshot()
+        nresets = len(self.k.reset_log)
         try:
             r = fn()
         except KernelError as e:
             after = self._snapshot()
             assert after == before, f"failed call ({e}) changed state:\n{before}\n{after}"
+            bad = [r for r in self.k.reset_log[nresets:] if r.cause != "close"]
+            assert not bad, f"failed call ({e}) reset {bad}"
             return None
         self._note_ctxs()
         return r

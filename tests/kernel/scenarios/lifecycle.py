@@ -232,3 +232,16 @@ SCENARIOS += [
         ioas_unmap("p", "A", 2, iova=0x100000, length=0x2000, out={"length": 0x2000}),
     ]),
 ]
+
+SCENARIOS += [
+    Scenario("life-get-device-fd-no-compat-ioas-unwind-resets", DUAL, BOTH, [
+        Open("p", "iommu", "A"), Open("p", group_path(F0), "g"),
+        set_container("p", "g", "A"),
+        destroy("p", "A", 1),
+        MarkResets(),
+        get_device_fd("p", "g", F0, err=E.ENODEV),
+        Resets(F0, F1),
+        ioas_alloc("p", "A", ioas=1),
+    ], doc="vfio_df_group_open: the device is opened, the compat IOAS attach fails (ENODEV), and the "
+           "vfio_df_close unwind closes it again: the last close of the dev_set resets the bus"),
+]
