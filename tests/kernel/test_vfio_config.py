@@ -117,9 +117,9 @@ def test_flr_through_devctl_and_reset_restores_saved_state() -> None:
     exp = pdev.find_capability(P.PCI_CAP_ID_EXP)
     pm = pdev.find_capability(P.PCI_CAP_ID_PM)
     wr32(p, d, 0x10, 0xFE000000)
+    p.write(d, 0x40, b"\x99")  # BAR0 content
     p.write(d, CFG + pm + 4, b"\x03\x00")  # D3hot
     assert p.read(d, CFG + pm + 4, 1) == b"\x03"
-    p.write(d, 0x40, b"\x99")  # BAR0 content
     n = len(r.k.reset_log)
     p.write(d, CFG + exp + 8, (0x8000).to_bytes(2, "little"))  # Initiate FLR
     rec = r.k.reset_log[n]
@@ -127,3 +127,19 @@ def test_flr_through_devctl_and_reset_restores_saved_state() -> None:
     assert rd32(p, d, 0x10) == 0xFE00000C  # BAR restored by pci_restore_state
     assert p.read(d, CFG + pm + 4, 1) == b"\x00"  # power state back to D0
     assert p.read(d, 0x40, 1) == b"\x00"  # device memory lost
+
+
+def test_d3hot_blocks_bar_access_and_reopen_reloads_bars() -> None:
+    r, p, d = setup()
+    pdev = r.topo.find(DEV)
+    assert pdev is not None
+    pm = pdev.find_capability(P.PCI_CAP_ID_PM)
+    p.write(d, CFG + pm + 4, b"\x03\x00")
+    assert errno_of(lambda: p.read(d, 0, 4)) == E.EIO
+    p.write(d, CFG + pm + 4, b"\x00\x00")
+    assert p.read(d, 0, 4) == bytes(4)
+    wr32(p, d, 0x20, 0xFFFFFFFF)
+    a = p.open("iommu")
+    p.close(d)
+    d2, _ = p.cdev_bound(0, a)
+    assert rd32(p, d2, 0x20) == 0xF7000000  # the assigned address, not the sizing pattern

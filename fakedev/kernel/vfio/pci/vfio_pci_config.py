@@ -211,9 +211,22 @@ class VfioPciConfig:
     def command(self) -> int:
         return self.read16(P.PCI_COMMAND)
 
+    @property
+    def power_state(self) -> int:
+        """PCI_PM_CTRL_STATE_MASK of the PM capability (0 = D0, 3 = D3hot); D0 without one."""
+        if not self.pm_pos:
+            return 0
+        return self.read16(self.pm_pos + P.PCI_PM_CTRL) & 0x3
+
     def memory_enabled(self) -> bool:
-        """Models __vfio_pci_memory_enabled()."""
-        return bool(self.command & PCI_COMMAND_MEMORY)
+        """Models __vfio_pci_memory_enabled(): memory decode on and not in D3hot."""
+        return self.power_state < 3 and bool(self.command & PCI_COMMAND_MEMORY)
+
+    def reload_bars(self) -> None:
+        """vfio_config_init() at open: the BAR/ROM registers show the assigned addresses again."""
+        self.vconfig[P.PCI_BASE_ADDRESS_0:P.PCI_BASE_ADDRESS_0 + 24] = \
+            self.power_on[P.PCI_BASE_ADDRESS_0:P.PCI_BASE_ADDRESS_0 + 24]
+        self.vconfig[P.PCI_ROM_ADDRESS:P.PCI_ROM_ADDRESS + 4] = self.power_on[P.PCI_ROM_ADDRESS:P.PCI_ROM_ADDRESS + 4]
 
     def enable_decode(self) -> None:
         """pci_enable_device(): turn on decode for the BAR kinds present."""

@@ -198,6 +198,7 @@ class VfioPciDevice(VfioDevice):
             self.reset_works = True
         except KernelError:
             self.reset_works = False
+        self.config.reload_bars()
         self.config.enable_decode()
         self.low_power = False
 
