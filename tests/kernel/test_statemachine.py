@@ -391,7 +391,7 @@ class KernelMachine(RuleBasedStateMachine):
             assert grp.container is None and grp.iommufd is None
 
 
-PROFILE = settings(max_examples=40, stateful_step_count=50, derandomize=True, deadline=None,
+PROFILE = settings(max_examples=30, stateful_step_count=50, derandomize=True, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
                    print_blob=False)
 
