@@ -450,3 +450,34 @@ SCENARIOS += [
         hot_reset("p", "gd2", ["g3", "g2", "g1", "g0"]), Resets(B0, B1, B2, B3),
     ], doc="the card's bus is its dev_set; only its four functions are reset"),
 ]
+
+
+def _no_group(bdf: str):  # type: ignore[no-untyped-def]
+    def tweak(topo) -> None:  # type: ignore[no-untyped-def]
+        d = topo.find(bdf)
+        d.iommu_group = None
+
+    return tweak
+
+
+SCENARIOS += [
+    Scenario("hr-info-group-mode-sibling-without-iommu-group-6.6", HOSTSIB, V66, [
+        *group_container(bdfs=(F0,), names=("g13",)), *group_device(grp="g13"),
+        hot_reset_info("p", "gd0", argsz=28, flags=0x5A5A5A5A, err=E.EPERM,
+                       out={"flags": 0x5A5A5A5A, "count": 0}, entries=[gentry(F0), UNTOUCHED]),
+        hot_reset_info("p", "gd0", argsz=20, buflen=28, err=E.ENOSPC, count=2, out_flags=0,
+                       entries=[gentry(F0), UNTOUCHED]),
+    ], tweak=_no_group(F1), doc="SPEC 4.6 B: group mode, a device without iommu group -> EPERM at once; "
+                                 "the entries before it were already copied, the header was not"),
+    Scenario("hr-info-group-mode-sibling-without-iommu-group-6.12", HOSTSIB, V612, [
+        *group_container(bdfs=(F0,), names=("g13",)), *group_device(grp="g13"),
+        hot_reset_info("p", "gd0", argsz=28, flags=0x5A5A5A5A, err=E.EPERM,
+                       out={"flags": 0x5A5A5A5A, "count": 0}, entries=UNTOUCHED),
+        hot_reset_info("p", "gd0", argsz=12, buflen=28, err=E.ENOSPC, count=2, out_flags=0, entries=UNTOUCHED),
+    ], tweak=_no_group(F1), doc="SPEC 4.6 C: the kernel buffer is filled first; nothing reaches the user"),
+    Scenario("hr-info-cdev-sibling-without-iommu-group", HOSTSIB, BOTH, [
+        *cdev_bound(devid=1),
+        hot_reset_info("p", "d0", argsz=28, count=2, out_flags=1,
+                       entries=[entry(1, F0), entry(NOT_OWNED, F1)]),
+    ], tweak=_no_group(F1), doc="SPEC 4.6: cdev mode never asks for the iommu group of a non-member"),
+]
