@@ -164,3 +164,35 @@ async def test_mount_command_exits_when_its_connection_is_aborted(mnt: Path) -> 
         assert not M.mounts_at(str(mnt))
     finally:
         await stop(daemon)
+
+
+async def test_run_reports_a_dead_server() -> None:
+    """`fakedev run` serves in its own process; when its FUSE connection dies
+    under the running program (aborted through fusectl, what a crashed server
+    thread looks like from the kernel), it says so and exits non-zero promptly,
+    without waiting for the program (which it terminates)."""
+    p = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "fakedev.cli.main", "run", "--tree", TREE, "--", "sh", "-c",
+         'echo "$FAKEDEV_PID $FAKEDEV_MOUNT"; exec sleep 30'],
+        env=H.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stderr is not None
+        with trio.fail_after(30):
+            pid, mount = (await H.readline(p.stdout)).decode().split()
+        conns = [m.connection for m in M.mounts(f"/proc/{pid}/mountinfo")
+                 if m.mountpoint == mount and m.fstype == "fuse.fakedev"]
+        assert len(conns) == 1
+        assert M.abort(conns[0])
+        with trio.fail_after(15):
+            await p.wait()
+            rest = b""
+            while chunk := await p.stdout.receive_some():
+                rest += chunk
+            err = b""
+            while chunk := await p.stderr.receive_some():
+                err += chunk
+        assert p.returncode != 0
+        assert rest == b""
+        assert b"server stopped" in err, err
+    finally:
+        await stop(p)
