@@ -210,16 +210,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not args.dir.is_dir():
         raise CliError(f"mount: {args.dir} is not a directory")
 
+    ended_by_itself = False
+
     async def serve() -> None:
+        nonlocal ended_by_itself
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve, str(args.dir))
+
+                async def run_server(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    nonlocal ended_by_itself
+                    await server.serve(str(args.dir), task_status=task_status)
+                    # Unmounted or aborted from outside: nothing left to serve.
+                    ended_by_itself = True
+                    nursery.cancel_scope.cancel()
+
+                async def stop_on_signal() -> None:
+                    async for _signum in signals:
+                        nursery.cancel_scope.cancel()  # serve() unmounts on the way out
+                        return
+
+                await nursery.start(run_server)
+                nursery.start_soon(stop_on_signal)
                 print(f"{PROG}: serving at {args.dir} (Ctrl-C to stop)", file=sys.stderr)
-                async for _signum in signals:
-                    nursery.cancel_scope.cancel()  # serve() unmounts on the way out
-                    break
 
     trio.run(serve)
+    if ended_by_itself:
+        print(f"{PROG}: the mount at {args.dir} was unmounted or its connection aborted",
+              file=sys.stderr)
+        return 1
     return 0
 
 
