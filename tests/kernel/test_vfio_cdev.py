@@ -61,19 +61,40 @@ def test_bind_header_checks(ver: str) -> None:
     r.check()
 
 
-def test_bind_token_flag_newest() -> None:
+def test_bind_token_era_header_rules() -> None:
+    """Kernels with the BIND token: copy_struct_from_user of 24 bytes, token checked after block_group."""
     r = Rig("dual-function-nic", "6.18")
     p = r["p"]
     ifd = p.open("iommu")
     d = p.open("vfio/devices/vfio0")
-    a = p.buf(BIND.pack(argsz=16, flags=C.VFIO_DEVICE_BIND_FLAG_TOKEN, iommufd=ifd)[:16])
-    assert errno_of(lambda: p.ioctl(d, IO.VFIO_DEVICE_BIND_IOMMUFD, a)) == E.EINVAL  # argsz < 24
+    T = C.VFIO_DEVICE_BIND_FLAG_TOKEN
+
+    def bind(data: bytes) -> int:
+        return errno_of(lambda: p.ioctl(d, IO.VFIO_DEVICE_BIND_IOMMUFD, p.buf(data)))
+
+    # flag with a 16-byte struct: the pointer reads as 0 -> EFAULT
+    assert bind(BIND.pack(argsz=16, flags=T, iommufd=ifd)[:16]) == E.EFAULT
     uuid = p.buf(16)
-    a = p.buf(BIND.pack(argsz=24, flags=C.VFIO_DEVICE_BIND_FLAG_TOKEN, iommufd=ifd, token_uuid_ptr=uuid))
-    assert errno_of(lambda: p.ioctl(d, IO.VFIO_DEVICE_BIND_IOMMUFD, a)) == E.EINVAL  # not SR-IOV
-    a = p.buf(BIND.pack(argsz=24, flags=C.VFIO_DEVICE_BIND_FLAG_TOKEN, iommufd=ifd, token_uuid_ptr=8))
-    assert errno_of(lambda: p.ioctl(d, IO.VFIO_DEVICE_BIND_IOMMUFD, a)) == E.EFAULT
-    assert p.bind(d, ifd, argsz=24) == 1  # QEMU's 24-byte struct without the flag
+    assert bind(BIND.pack(argsz=24, flags=T, iommufd=ifd, token_uuid_ptr=uuid)) == E.EINVAL  # not SR-IOV
+    assert bind(BIND.pack(argsz=24, flags=T, iommufd=ifd, token_uuid_ptr=8)) == E.EFAULT
+    assert bind(BIND.pack(argsz=32, iommufd=ifd) + b"\0" * 7 + b"\1") == E.E2BIG
+    assert bind(BIND.pack(argsz=24, flags=2, iommufd=ifd)) == E.EINVAL
+    assert bind(BIND.pack(argsz=15, iommufd=ifd)) == E.EINVAL
+    g = p.open("vfio/13")
+    assert bind(BIND.pack(argsz=24, flags=T, iommufd=ifd, token_uuid_ptr=8)) == E.EBUSY  # block_group first
+    p.close(g)
+    assert bind(BIND.pack(argsz=32, iommufd=ifd) + bytes(8)) == 0
+    assert r.k.device(F0).iommufd_device.obj_id == 1
+    r.check()
+
+
+def test_bind_qemu_24_byte_struct_on_6_6() -> None:
+    """6.6 copies only the first 16 bytes: QEMU's 24-byte struct without the flag binds."""
+    r = Rig("dual-function-nic", "6.6")
+    p = r["p"]
+    ifd = p.open("iommu")
+    d = p.open("vfio/devices/vfio0")
+    assert p.bind(d, ifd, argsz=24) == 1
     r.check()
 
 

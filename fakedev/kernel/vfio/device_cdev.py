@@ -31,23 +31,27 @@ def vfio_df_ioctl_bind_iommufd(df: VfioDeviceFile, task: Task, arg: int) -> int:
     device = df.device
     lay = S.VFIO_DEVICE_BIND_IOMMUFD
     minsz = lay.offsetofend("out_devid")
-    bind = lay.unpack(task.read(arg, minsz), partial=True)
-    flags_ok = C.VFIO_DEVICE_BIND_FLAG_TOKEN if device.vfio.version.has_bind_token else 0
-    if bind["argsz"] < minsz or bind["flags"] & ~flags_ok or bind["iommufd"] < 0:
-        raise KernelError(errno.EINVAL)
-    token: bytes | None = None
-    if bind["flags"] & C.VFIO_DEVICE_BIND_FLAG_TOKEN:
-        xend = lay.offsetofend("token_uuid_ptr")
-        if bind["argsz"] < xend:
+    with_token = device.vfio.version.has_bind_token
+    if with_token:
+        # get_user(argsz), then copy_struct_from_user() of the 24-byte struct
+        user_size = int.from_bytes(task.read(arg, 4), "little")
+        if user_size < minsz:
             raise KernelError(errno.EINVAL)
-        ptr = int.from_bytes(task.read(arg + minsz, 8), "little")
-        token = task.read(ptr, 16)
+        bind = lay.unpack(copy_struct_from_user(task, lay.size, arg, user_size), partial=True)
+        if bind["iommufd"] < 0 or bind["flags"] & ~C.VFIO_DEVICE_BIND_FLAG_TOKEN:
+            raise KernelError(errno.EINVAL)
+    else:
+        bind = lay.unpack(task.read(arg, minsz), partial=True)
+        if bind["argsz"] < minsz or bind["flags"] or bind["iommufd"] < 0:
+            raise KernelError(errno.EINVAL)
     if df.group is not None:
         raise KernelError(errno.EINVAL, "BIND is only for cdev fds")
     vgroup.vfio_device_block_group(device)  # EBUSY while the group is open
     try:
         if df.access_granted:
             raise KernelError(errno.EINVAL, "this fd is already bound")
+        if with_token:
+            vfio_df_check_token(device, bind, task)
         f = task.fget(bind["iommufd"])  # EBADF
         try:
             ictx = viommufd.ctx_from_file(f)
@@ -58,8 +62,6 @@ def vfio_df_ioctl_bind_iommufd(df: VfioDeviceFile, task: Task, arg: int) -> int:
             raise KernelError(errno.EBADFD, "not an iommufd")
         df.iommufd = ictx
         try:
-            if token is not None:
-                device.match_token(token)
             vfio_df_open(df, task)
             try:
                 task.write(arg + lay.field("out_devid").offset, df.devid.to_bytes(4, "little"))
@@ -77,6 +79,24 @@ def vfio_df_ioctl_bind_iommufd(df: VfioDeviceFile, task: Task, arg: int) -> int:
     device.cdev_opened = True
     df.access_granted = True
     return 0
+
+
+def copy_struct_from_user(task: Task, ksize: int, addr: int, usize: int) -> bytes:
+    """Models copy_struct_from_user(): a longer user struct must have a zero tail (E2BIG)."""
+    if usize > ksize:
+        tail = task.read(addr + ksize, usize - ksize)
+        if any(tail):
+            raise KernelError(errno.E2BIG)
+        return task.read(addr, ksize)
+    return task.read(addr, usize) + bytes(ksize - usize)
+
+
+def vfio_df_check_token(device: VfioDevice, bind: dict[str, int], task: Task) -> None:
+    """Models vfio_df_check_token() (kernels with VFIO_DEVICE_BIND_FLAG_TOKEN)."""
+    if not bind["flags"] & C.VFIO_DEVICE_BIND_FLAG_TOKEN:
+        return
+    uuid = task.read(bind["token_uuid_ptr"], 16)  # EFAULT (a short struct leaves the pointer 0)
+    device.match_token(uuid)
 
 
 def vfio_df_unbind_iommufd(df: VfioDeviceFile) -> None:
