@@ -148,8 +148,6 @@ async def test_daemon_killed_idle_then_restarted_twice(mnt: Path, kclient: str) 
     assert os.path.isdir(mnt)
 
 
-@pytest.mark.xfail(strict=True, reason="fakedev.cli.main.cmd_mount waits for a signal even after "
-                   "server.serve() has returned (connection aborted / unmounted), so the process lingers")
 async def test_mount_command_exits_when_its_connection_is_aborted(mnt: Path) -> None:
     """A `fakedev mount` whose FUSE connection is gone (aborted through fusectl,
     as `fakedev`'s own stale-mount clearing does) serves nothing any more: it
