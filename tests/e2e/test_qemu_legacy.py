@@ -1,0 +1,244 @@
+"""Unmodified QEMU (Debian's 7.2: the legacy group/container path) realizes
+fake vfio-pci devices under ``fakedev run --supervise`` and hot-resets them on
+QMP ``system_reset``.
+
+Inside the run, a small QMP driver (below) starts QEMU with ``-qmp stdio``,
+checks the devices in ``query-pci``, snapshots the model's state before and
+after ``system_reset`` (QEMU still running: no reset at close mixed in), then
+quits. QEMU's own trace events go to its stderr, fakedev's call trace to a
+JSON-lines file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import fakedev_run
+
+QEMU = shutil.which("qemu-system-x86_64")
+
+pytestmark = [
+    pytest.mark.needs_root,
+    pytest.mark.skipif(
+        QEMU is None,
+        reason="qemu-system-x86_64 is not installed (Debian package qemu-system-x86)",
+    ),
+]
+
+NIC = (0x8086, 0x10C9)  # fixtures/dual-function-nic.toml
+F0, F1 = "0000:01:00.0", "0000:01:00.1"
+
+DRIVER = r'''
+import json, os, subprocess, sys
+
+cfg = json.loads(sys.argv[1])
+state_file = os.path.join(os.environ["FAKEDEV_MOUNT"], ".fakedev", "state.json")
+
+def state():
+    with open(state_file) as f:
+        return json.load(f)
+
+holder = None
+if cfg["holder"]:
+    holder = subprocess.Popen(cfg["holder"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    said = []
+    while not said or said[-1].strip() != "ready":
+        line = holder.stdout.readline()
+        assert line, f"holder exited: {said!r}"
+        said.append(line)
+
+args = [cfg["qemu"], "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
+        "-m", "128", "-qmp", "stdio",
+        "-trace", "vfio_pci_hot_reset*", "-trace", "vfio_pci_reset*"]
+for i, bdf in enumerate(cfg["bdfs"]):
+    args += ["-device", f"vfio-pci,host={bdf},id=hostdev{i}"]
+err = open(cfg["stderr"], "w")
+qemu = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                        text=True)
+
+def recv():
+    line = qemu.stdout.readline()
+    if not line:
+        raise EOFError("QEMU closed its QMP stream")
+    return json.loads(line)
+
+def execute(command, wait_event=None):
+    qemu.stdin.write(json.dumps({"execute": command}) + "\n")
+    qemu.stdin.flush()
+    result, seen = None, wait_event is None
+    while result is None or not seen:
+        msg = recv()
+        if "return" in msg or "error" in msg:
+            result = msg
+        elif msg.get("event") == wait_event:
+            seen = True
+    return result
+
+out = {}
+try:
+    recv()  # greeting
+    execute("qmp_capabilities")
+    out["pci"] = execute("query-pci")["return"]
+    out["before"] = state()
+    out["reset"] = execute("system_reset", wait_event="RESET")
+    out["after"] = state()
+    execute("quit")
+except EOFError as exc:
+    out["eof"] = str(exc)
+out["rc"] = qemu.wait(timeout=30)
+if holder is not None:
+    holder.stdin.close()
+    holder.wait(timeout=30)
+print(json.dumps(out))
+'''
+
+
+class Run:
+    """What one supervised QEMU run left behind."""
+
+    def __init__(self, out: dict[str, Any], qemu_stderr: str, trace: list[dict[str, Any]],
+                 fakedev_stderr: str) -> None:
+        self.out = out
+        self.qemu_stderr = qemu_stderr
+        self.trace = trace
+        self.fakedev_stderr = fakedev_stderr
+
+    def __repr__(self) -> str:  # shown by pytest when an assertion fails
+        return f"QEMU stderr:\n{self.qemu_stderr}\nfakedev stderr:\n{self.fakedev_stderr}"
+
+    def pci_devices(self) -> list[tuple[int, int, str]]:
+        return [
+            (d["id"]["vendor"], d["id"]["device"], d.get("qdev_id", ""))
+            for bus in self.out["pci"] for d in bus["devices"]
+        ]
+
+    def hot_resets_during_system_reset(self) -> list[str]:
+        """BDFs the model reset by VFIO_DEVICE_PCI_HOT_RESET between the snapshots."""
+        before = len(self.out["before"]["reset_log"])
+        return [
+            r["bdf"] for r in self.out["after"]["reset_log"][before:]
+            if r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"
+        ]
+
+    def calls(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.trace if r.get("op") == "ioctl" and r["name"] == name]
+
+    def qemu_lines(self, prefix: str) -> list[str]:
+        return [line for line in self.qemu_stderr.splitlines() if line.startswith(prefix)]
+
+
+def run_qemu(tmp_path: Path, bdfs: list[str], holder: list[str] | None = None) -> Run:
+    driver = tmp_path / "qmp_driver.py"
+    driver.write_text(DRIVER)
+    trace = tmp_path / "trace.jsonl"
+    stderr = tmp_path / "qemu.stderr"
+    cfg = {"qemu": QEMU, "bdfs": bdfs, "holder": holder, "stderr": str(stderr)}
+    tmp_path.chmod(0o755)
+    r = fakedev_run(
+        "dual-function-nic",
+        [sys.executable, str(driver), json.dumps(cfg)],
+        extra=["--supervise", "--trace", str(trace)],
+        timeout=180,
+    )
+    qemu_stderr = stderr.read_text() if stderr.exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + qemu_stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    run = Run(out, qemu_stderr, records, r.stderr)
+    assert "eof" not in out, run
+    assert out["rc"] == 0, run
+    return run
+
+
+def device(state: dict[str, Any], bdf: str) -> dict[str, Any]:
+    return next(d for d in state["devices"] if d["bdf"] == bdf)
+
+
+def group(state: dict[str, Any], gid: int) -> dict[str, Any]:
+    return next(g for g in state["groups"] if g["id"] == gid)
+
+
+def test_one_function_is_realized_through_the_group_and_cannot_be_hot_reset(
+    tmp_path: Path,
+) -> None:
+    run = run_qemu(tmp_path, [F0])
+    assert (*NIC, "hostdev0") in run.pci_devices(), run
+    # The model sees QEMU's device fd as opened through group 13 in a container.
+    st = run.out["before"]
+    dev = device(st, F0)
+    assert dev["open_count"] == 1 and not dev["cdev_opened"] and dev["cdev_files"] == 0, dev
+    g13 = group(st, 13)
+    assert g13["open"] and g13["container"] and g13["container_iommu"], g13
+    assert not group(st, 14)["open"]
+    # QEMU read the device through that fd: every realize-time call answered.
+    for name in ("VFIO_GROUP_GET_STATUS", "VFIO_GROUP_SET_CONTAINER", "VFIO_SET_IOMMU",
+                 "VFIO_IOMMU_MAP_DMA", "VFIO_DEVICE_GET_INFO", "VFIO_DEVICE_GET_REGION_INFO",
+                 "VFIO_DEVICE_GET_IRQ_INFO", "VFIO_DEVICE_SET_IRQS"):
+        calls = run.calls(name)
+        assert calls, f"{name} never reached fakedev\n{run}"
+        assert all(c["errno"] is None for c in calls if name != "VFIO_DEVICE_GET_IRQ_INFO"), calls
+    # Group 14 is not QEMU's: QEMU asks, sees the dependency, and sends no reset.
+    assert run.calls("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO")
+    assert not run.calls("VFIO_DEVICE_PCI_HOT_RESET")
+    assert any(f"Cannot reset device {F0}, depends on group 14 which is not owned" in line
+               for line in run.qemu_stderr.splitlines()), run
+    assert run.hot_resets_during_system_reset() == []
+    assert "vfio_pci_hot_reset_result" not in run.qemu_stderr
+
+
+def test_both_functions_system_reset_is_one_multi_device_hot_reset(tmp_path: Path) -> None:
+    run = run_qemu(tmp_path, [F0, F1])
+    devices = run.pci_devices()
+    assert (*NIC, "hostdev0") in devices and (*NIC, "hostdev1") in devices, run
+    st = run.out["before"]
+    assert device(st, F0)["open_count"] == device(st, F1)["open_count"] == 1
+    assert group(st, 13)["open"] and group(st, 14)["open"]
+    # One hot reset, in QEMU's multi-device pass, with both group fds.
+    assert sorted(run.hot_resets_during_system_reset()) == [F0, F1], run
+    multi = [line for line in run.qemu_stderr.splitlines() if line.endswith(") multi")]
+    assert multi, run
+    results = run.qemu_lines("vfio_pci_hot_reset_result")
+    assert results and all(line.endswith("hot reset: Success") for line in results), run
+    resets = run.calls("VFIO_DEVICE_PCI_HOT_RESET")
+    assert resets and all(c["errno"] is None and c["result"] == 0 for c in resets), resets
+    for c in resets:  # legacy path: one group fd per dependent group
+        assert c["request"]["count"] == 2 and c["request"]["argsz"] == 12 + 4 * 2, c
+    # QEMU looked at the dependencies first: both groups, both its own.
+    deps = run.qemu_lines("vfio_pci_hot_reset_dep_devices")
+    assert any(f"{F0} group 13" in d for d in deps) and any(f"{F1} group 14" in d for d in deps)
+    infos = run.calls("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO")
+    assert any(c["errno"] is None and c["result_struct"]["count"] == 2 for c in infos), infos
+    # The startup reset and the system_reset each reset both functions exactly once.
+    log = [r["bdf"] for r in run.out["after"]["reset_log"]
+           if r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"]
+    assert sorted(log) == [F0, F0, F1, F1], log
+
+
+@pytest.mark.parametrize("hold", ["cdev", "group"])
+def test_sibling_held_by_another_process_blocks_the_reset(
+    tmp_path: Path, hotreset: str, hold: str
+) -> None:
+    if hold == "cdev":
+        holder = [hotreset, "--no-info", "--no-reset", "--hold", F1]
+    else:
+        holder = ["sh", "-c", "exec 3<>/dev/vfio/14 && echo ready && read line"]
+    run = run_qemu(tmp_path, [F0], holder=holder)
+    assert (*NIC, "hostdev0") in run.pci_devices(), run
+    held = device(run.out["before"], F1)
+    if hold == "cdev":
+        assert held["cdev_opened"], held
+    else:
+        assert group(run.out["before"], 14)["open"]
+    assert any(f"Cannot reset device {F0}, depends on group 14 which is not owned" in line
+               for line in run.qemu_stderr.splitlines()), run
+    assert not run.calls("VFIO_DEVICE_PCI_HOT_RESET")
+    assert run.hot_resets_during_system_reset() == []
+    assert not any(r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"
+                   for r in run.out["after"]["reset_log"])
