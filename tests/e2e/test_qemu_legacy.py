@@ -34,7 +34,7 @@ pytestmark = [
 NIC = (0x8086, 0x10C9)  # fixtures/dual-function-nic.toml
 F0, F1 = "0000:01:00.0", "0000:01:00.1"
 
-DRIVER = r'''
+DRIVER = r"""
 import json, os, subprocess, sys
 
 cfg = json.loads(sys.argv[1])
@@ -97,14 +97,19 @@ if holder is not None:
     holder.stdin.close()
     holder.wait(timeout=30)
 print(json.dumps(out))
-'''
+"""
 
 
 class Run:
     """What one supervised QEMU run left behind."""
 
-    def __init__(self, out: dict[str, Any], qemu_stderr: str, trace: list[dict[str, Any]],
-                 fakedev_stderr: str) -> None:
+    def __init__(
+        self,
+        out: dict[str, Any],
+        qemu_stderr: str,
+        trace: list[dict[str, Any]],
+        fakedev_stderr: str,
+    ) -> None:
         self.out = out
         self.qemu_stderr = qemu_stderr
         self.trace = trace
@@ -116,14 +121,16 @@ class Run:
     def pci_devices(self) -> list[tuple[int, int, str]]:
         return [
             (d["id"]["vendor"], d["id"]["device"], d.get("qdev_id", ""))
-            for bus in self.out["pci"] for d in bus["devices"]
+            for bus in self.out["pci"]
+            for d in bus["devices"]
         ]
 
     def hot_resets_during_system_reset(self) -> list[str]:
         """BDFs the model reset by VFIO_DEVICE_PCI_HOT_RESET between the snapshots."""
         before = len(self.out["before"]["reset_log"])
         return [
-            r["bdf"] for r in self.out["after"]["reset_log"][before:]
+            r["bdf"]
+            for r in self.out["after"]["reset_log"][before:]
             if r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"
         ]
 
@@ -178,17 +185,26 @@ def test_one_function_is_realized_through_the_group_and_cannot_be_hot_reset(
     assert g13["open"] and g13["container"] and g13["container_iommu"], g13
     assert not group(st, 14)["open"]
     # QEMU read the device through that fd: every realize-time call answered.
-    for name in ("VFIO_GROUP_GET_STATUS", "VFIO_GROUP_SET_CONTAINER", "VFIO_SET_IOMMU",
-                 "VFIO_IOMMU_MAP_DMA", "VFIO_DEVICE_GET_INFO", "VFIO_DEVICE_GET_REGION_INFO",
-                 "VFIO_DEVICE_GET_IRQ_INFO", "VFIO_DEVICE_SET_IRQS"):
+    for name in (
+        "VFIO_GROUP_GET_STATUS",
+        "VFIO_GROUP_SET_CONTAINER",
+        "VFIO_SET_IOMMU",
+        "VFIO_IOMMU_MAP_DMA",
+        "VFIO_DEVICE_GET_INFO",
+        "VFIO_DEVICE_GET_REGION_INFO",
+        "VFIO_DEVICE_GET_IRQ_INFO",
+        "VFIO_DEVICE_SET_IRQS",
+    ):
         calls = run.calls(name)
         assert calls, f"{name} never reached fakedev\n{run}"
         assert all(c["errno"] is None for c in calls if name != "VFIO_DEVICE_GET_IRQ_INFO"), calls
     # Group 14 is not QEMU's: QEMU asks, sees the dependency, and sends no reset.
     assert run.calls("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO")
     assert not run.calls("VFIO_DEVICE_PCI_HOT_RESET")
-    assert any(f"Cannot reset device {F0}, depends on group 14 which is not owned" in line
-               for line in run.qemu_stderr.splitlines()), run
+    assert any(
+        f"Cannot reset device {F0}, depends on group 14 which is not owned" in line
+        for line in run.qemu_stderr.splitlines()
+    ), run
     assert run.hot_resets_during_system_reset() == []
     assert "vfio_pci_hot_reset_result" not in run.qemu_stderr
 
@@ -216,8 +232,9 @@ def test_both_functions_system_reset_is_one_multi_device_hot_reset(tmp_path: Pat
     infos = run.calls("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO")
     assert any(c["errno"] is None and c["result_struct"]["count"] == 2 for c in infos), infos
     # The startup reset and the system_reset each reset both functions exactly once.
-    log = [r["bdf"] for r in run.out["after"]["reset_log"]
-           if r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"]
+    log = [
+        r["bdf"] for r in run.out["after"]["reset_log"] if r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"
+    ]
     assert sorted(log) == [F0, F0, F1, F1], log
 
 
@@ -236,9 +253,10 @@ def test_sibling_held_by_another_process_blocks_the_reset(
         assert held["cdev_opened"], held
     else:
         assert group(run.out["before"], 14)["open"]
-    assert any(f"Cannot reset device {F0}, depends on group 14 which is not owned" in line
-               for line in run.qemu_stderr.splitlines()), run
+    assert any(
+        f"Cannot reset device {F0}, depends on group 14 which is not owned" in line
+        for line in run.qemu_stderr.splitlines()
+    ), run
     assert not run.calls("VFIO_DEVICE_PCI_HOT_RESET")
     assert run.hot_resets_during_system_reset() == []
-    assert not any(r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"
-                   for r in run.out["after"]["reset_log"])
+    assert not any(r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET" for r in run.out["after"]["reset_log"])
