@@ -67,6 +67,7 @@ class Kernel:
         self.vfio.iommu_groups = self.iommu_groups
         self._ictx_names: dict[int, str] = {}
         self._ictxs: list[Any] = []
+        self._ictx_seq = 0
         behaviours = behaviours or {}
         for pdev in topology.devices():
             if pdev.driver != "vfio-pci" or pdev.iommu_group is None:
@@ -126,8 +127,10 @@ class Kernel:
             from fakedev.kernel.iommufd.main import iommufd_fops_open
 
             f = iommufd_fops_open(self.version)
+            self._prune_ctxs()
+            self._ictx_seq += 1
             self._ictxs.append(f.ctx)
-            self._ictx_names[id(f.ctx)] = f"iommufd{len(self._ictxs)}"
+            self._ictx_names[id(f.ctx)] = f"iommufd{self._ictx_seq}"
             return f
         if path.startswith("vfio/devices/vfio"):
             num = path.removeprefix("vfio/devices/vfio")
@@ -146,6 +149,14 @@ class Kernel:
         if ctx is None:
             return None
         return self._ictx_names.get(id(ctx), f"iommufd@{id(ctx):x}")
+
+    def _prune_ctxs(self) -> None:
+        """Forget released contexts (a long-running server opens many)."""
+        live = [c for c in self._ictxs if not c.dead]
+        for c in self._ictxs:
+            if c.dead:
+                self._ictx_names.pop(id(c), None)
+        self._ictxs = live
 
     def _all_ctxs(self) -> list[Any]:
         seen: dict[int, Any] = {id(c): c for c in self._ictxs}
