@@ -193,7 +193,14 @@ def snapshot(w: World) -> Any:
     return (
         _strip_resets(w.k.describe()),
         {p: sorted(proc.fds) for p, proc in w.procs.items() if proc.fds},
+        foreign_refs(w),
     )
+
+
+def foreign_refs(w: World) -> dict[tuple[str, int], int]:
+    """References held on each foreign file (eventfd, pipe): fget without fput leaks one."""
+    return {(p, fd): f.refs for p, proc in w.procs.items() for fd, f in proc.fds.items()
+            if hasattr(f, "refs") and not hasattr(f, "ioctl")}
 
 
 def bad_failure_resets(w: World, mark: int) -> list[str]:
@@ -895,6 +902,10 @@ def run(sc: Scenario, version: str) -> World:
         bad = w.invariants()
         if bad:
             raise StepFailure(f"{where}\n  invariants broken: {bad}")
+        leaked = {k: n for k, n in foreign_refs(w).items()
+                  if n != 1 and type(w.procs[k[0]].fds[k[1]]).__name__ == "FakeOther"}
+        if leaked:
+            raise StepFailure(f"{where}\n  references leaked on foreign files: {leaked}")
         if err is not None and before is not None:
             after = snapshot(w)
             if after != before:
