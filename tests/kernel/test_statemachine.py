@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from fakedev.kernel.errors import KernelError
 from fakedev.kernel.file import File
-from fakedev.kernel.testing import FakeProcess
+from fakedev.kernel.testing import FakeOther, FakeProcess
 from fakedev.kernel.version import KernelVersion
 from fakedev.uapi import consts as C
 from fakedev.uapi import ioctls as IO
@@ -58,7 +58,8 @@ class KernelMachine(RuleBasedStateMachine):
 
     # -- helpers -------------------------------------------------------------
     def _snapshot(self) -> Any:
-        return (_strip_resets(self.k.describe()), [sorted(p.fds) for p in self.procs])
+        refs = [{fd: f.refs for fd, f in p.fds.items() if not isinstance(f, File)} for p in self.procs]
+        return (_strip_resets(self.k.describe()), [sorted(p.fds) for p in self.procs], refs)
 
     def _fds(self, pi: int, *kinds: FileKind) -> list[int]:
         out = []
@@ -209,13 +210,24 @@ class KernelMachine(RuleBasedStateMachine):
                 name = self._struct(pi, vd.pdev.name.encode() + b"\0")
                 self._ioctl(pi, gfd, IO.VFIO_GROUP_GET_DEVICE_FD, name)
 
+    @rule(pi=PROCS, kind=st.sampled_from(["eventfd", "pipe"]))
+    def foreign_fd(self, pi: int, kind: str) -> None:
+        p = self.procs[pi]
+        if kind == "eventfd":
+            p.eventfd()
+        else:
+            p.pipe()
+
     @rule(pi=PROCS, j=PICK, m=PICK)
     def bind(self, pi: int, j: int, m: int) -> None:
         dev = self._pick(pi, j, FileKind.DEVICE)
         ictx = self._pick(pi, m, FileKind.IOMMUFD)
         if dev is None:
             return
-        arg = self._struct(pi, S.VFIO_DEVICE_BIND_IOMMUFD.pack(argsz=16, iommufd=ictx if ictx is not None else m))
+        if ictx is None or m % 5 == 0:  # sometimes any fd of the process (a pipe, a group...)
+            fds = sorted(self.procs[pi].fds)
+            ictx = fds[m % len(fds)] if fds and m % 2 else m
+        arg = self._struct(pi, S.VFIO_DEVICE_BIND_IOMMUFD.pack(argsz=16, iommufd=ictx))
         self._ioctl(pi, dev, IO.VFIO_DEVICE_BIND_IOMMUFD, arg)
 
     @rule(pi=PROCS, j=PICK, pt=st.integers(0, 7))
@@ -292,7 +304,8 @@ class KernelMachine(RuleBasedStateMachine):
         dev = self._pick(pi, j, FileKind.DEVICE)
         if dev is None:
             return
-        cands = self._fds(pi, FileKind.GROUP) + ([9999] if extra else [])
+        foreign = [fd for fd, f in sorted(self.procs[pi].fds.items()) if not isinstance(f, File)]
+        cands = self._fds(pi, FileKind.GROUP) + ([*foreign[:1], 9999] if extra else [])
         fds = [fd for i, fd in enumerate(cands) if mask >> i & 1]
         data = S.VFIO_PCI_HOT_RESET.pack(argsz=12 + 4 * len(fds), count=len(fds))
         data += b"".join(struct.pack("<i", fd) for fd in fds)
@@ -302,6 +315,9 @@ class KernelMachine(RuleBasedStateMachine):
     def set_container(self, pi: int, g: int, c: int) -> None:
         grp = self._pick(pi, g, FileKind.GROUP)
         target = self._pick(pi, c, FileKind.CONTAINER, FileKind.IOMMUFD)
+        if c % 7 == 0:  # sometimes any fd of the process
+            fds = sorted(self.procs[pi].fds)
+            target = fds[c % len(fds)] if fds else None
         if grp is not None:
             arg = self._struct(pi, struct.pack("<i", target if target is not None else c))
             self._ioctl(pi, grp, IO.VFIO_GROUP_SET_CONTAINER, arg)
@@ -363,6 +379,13 @@ class KernelMachine(RuleBasedStateMachine):
             if d.iommufd_ictx is not None:
                 assert not d.iommufd_ictx.dead, f"{d.pdev.name} bound to a released context"
                 assert d.iommufd_ictx.refs >= 1
+
+    @invariant()
+    def no_foreign_reference_leaks(self) -> None:
+        for p in self.procs:
+            for fd, f in p.fds.items():
+                if isinstance(f, FakeOther):
+                    assert f.refs == 1, f"pipe fd {fd} has {f.refs} references"
 
     @invariant()
     def iommufd_ids_unique(self) -> None:
