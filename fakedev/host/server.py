@@ -104,6 +104,7 @@ class Server:
         self._controls: dict[int, _Control] = {}
         self._pollers: dict[int, tuple[int, int]] = {}
         self._nodes: dict[int, _Node] = {}
+        self._devnodes: dict[int, DevNode] = {}
         self._next_fh = 1
         self._takes_fds = frozenset((k, io.cmd) for io in ioctls.IOCTLS if io.takes_fds for k in io.kinds)
         self._handlers: dict[int, Callable[[Any], bytes | Deferred | None]] = {
@@ -129,6 +130,12 @@ class Server:
         }
 
     # -- public ----------------------------------------------------------------
+    def devnode_for_ino(self, ino: int) -> DevNode | None:
+        """The model's ``DevNode`` served at inode ``ino`` of the mount (None for
+        directories, the control area and unknown inodes). For reporting a node's
+        char-device identity (major, minor, mode) where FUSE serves a regular file."""
+        return self._devnodes.get(ino)
+
     @property
     def open_files(self) -> int:
         """Opens of model nodes not yet released."""
@@ -219,13 +226,17 @@ class Server:
                 d = add(d, p, mode=P.S_IFDIR | 0o755, is_dir=True)
             return d, parts[-1]
 
+        devnodes: dict[int, DevNode] = {}
         for dn in self.kernel.nodes():
             d, leaf = dirs(dn.path)
-            add(d, leaf, mode=P.S_IFREG | (dn.mode & 0o7777), uid=dn.uid, gid=dn.gid, devpath=dn.path)
+            n = add(d, leaf, mode=P.S_IFREG | (dn.mode & 0o7777), uid=dn.uid, gid=dn.gid, devpath=dn.path)
+            if n.children is None:
+                devnodes[n.ino] = dn
         d, _ = dirs(f"{CONTROL_DIR}/x")
         add(d, "state.json", mode=P.S_IFREG | 0o444, control="state")
         add(d, "trace", mode=P.S_IFREG | 0o644, control="trace")
         self._nodes = nodes
+        self._devnodes = devnodes
 
     def _file_for_fh(self, fh: int) -> File | None:
         return self._files.get(fh)
