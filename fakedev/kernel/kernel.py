@@ -16,8 +16,13 @@ from typing import Any
 
 from fakedev.kernel.errors import KernelError
 from fakedev.kernel.file import DevNode, File
-from fakedev.kernel.iommu import IommuGroup, build_iommu_groups, iommu_check_invariants
-from fakedev.kernel.pci import PciTopology
+from fakedev.kernel.iommu import (
+    DRIVER_MANAGED_DMA,
+    IommuGroup,
+    build_iommu_groups,
+    iommu_check_invariants,
+)
+from fakedev.kernel.pci import PciDev, PciTopology
 from fakedev.kernel.task import Task
 from fakedev.kernel.version import NEWEST, KernelVersion
 from fakedev.kernel.vfio.container import VfioContainerFile
@@ -68,19 +73,70 @@ class Kernel:
         self._ictx_names: dict[int, str] = {}
         self._ictxs: list[Any] = []
         self._ictx_seq = 0
-        behaviours = behaviours or {}
+        self._behaviours = behaviours or {}
         for pdev in topology.devices():
-            if pdev.driver != "vfio-pci" or pdev.iommu_group is None:
-                continue
-            igroup = self.iommu_groups[pdev.iommu_group]
-            group = self.vfio.groups.get(igroup.id)
-            if group is None:
-                group = VfioGroup(igroup, minor=len(self.vfio.groups))
-                self.vfio.groups[igroup.id] = group
-            index = len(self.vfio.devices)
-            dev = VfioPciDevice(self.vfio, pdev, index, group, behaviours.get(pdev.name))
-            group.devices.append(dev)
-            self.vfio.devices.append(dev)
+            if pdev.driver == "vfio-pci" and pdev.iommu_group is not None:
+                self._vfio_pci_probe(pdev)
+
+    # -- driver binding -------------------------------------------------------------
+    def _vfio_pci_probe(self, pdev: PciDev) -> VfioPciDevice:
+        """Models vfio_pci_probe() -> vfio_pci_core_register_device(): index and group minor lowest free."""
+        assert pdev.iommu_group is not None
+        igroup = self.iommu_groups[pdev.iommu_group]
+        group = self.vfio.groups.get(igroup.id)
+        if group is None:
+            minors = {g.minor for g in self.vfio.groups.values()}
+            group = VfioGroup(igroup, minor=min(set(range(len(minors) + 1)) - minors))
+            self.vfio.groups[igroup.id] = group
+        used = {d.index for d in self.vfio.devices}
+        index = min(set(range(len(used) + 1)) - used)
+        dev = VfioPciDevice(self.vfio, pdev, index, group, self._behaviours.get(pdev.name))
+        group.devices.append(dev)
+        self.vfio.devices.append(dev)
+        return dev
+
+    def unbind_driver(self, bdf: str) -> None:
+        """Write of ``bdf`` to .../driver/unbind.
+
+        For vfio-pci this is vfio_pci_remove(): while the device is open (or a
+        cdev fd is open) the kernel waits, asking the user to let go through the
+        REQ eventfd; the model signals REQ and answers EBUSY instead of blocking.
+        """
+        pdev = self.topology.find(bdf)
+        if pdev is None or pdev.driver is None:
+            raise KernelError(errno.ENODEV, f"{bdf} is not bound")
+        if pdev.driver == "vfio-pci":
+            dev = self.vfio.device_of(pdev)
+            if dev is not None:
+                if dev.open_count or dev.cdev_files:
+                    if isinstance(dev, VfioPciDevice):
+                        dev.irqs.raise_irq(4)  # vfio_pci_core_request()
+                    raise KernelError(errno.EBUSY, f"{bdf} is in use")
+                self.vfio.devices.remove(dev)
+                dev.group.devices.remove(dev)
+                if not dev.group.devices:
+                    del self.vfio.groups[dev.group.id]
+                dev.dev_set.device_list.remove(dev)
+                if not dev.dev_set.device_list:
+                    self.vfio.dev_sets.remove(dev.dev_set)
+        pdev.driver = None
+
+    def bind_driver(self, bdf: str, driver: str) -> None:
+        """Write of ``bdf`` to /sys/bus/pci/drivers/<driver>/bind (probe)."""
+        pdev = self.topology.find(bdf)
+        if pdev is None or pdev.driver is not None:
+            raise KernelError(errno.ENODEV, f"{bdf} is not an unbound device")
+        ig = self.iommu_groups.get(pdev.iommu_group) if pdev.iommu_group is not None else None
+        if driver == "vfio-pci":
+            if ig is None:
+                raise KernelError(errno.EINVAL, f"{bdf} has no iommu group")
+            pdev.driver = driver
+            self._vfio_pci_probe(pdev)
+            return
+        if driver not in DRIVER_MANAGED_DMA and ig is not None and ig.user_owned:
+            # iommu_device_use_default_domain(): the group is owned by a user
+            raise KernelError(errno.EBUSY, f"iommu group {ig.id} is owned by a user")
+        pdev.driver = driver
 
     # -- state access ------------------------------------------------------------
     @property

@@ -369,3 +369,55 @@ def test_other_ctx_device_is_not_owned(ver: str) -> None:
     _, hdr, ents = p.hot_reset_info(d0)
     assert hdr["flags"] == DEV_ID and ents[1][0] == NOT_OWNED
     assert errno_of(lambda: p.hot_reset(d0)) == E.EINVAL
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_rebinding_the_sibling_changes_the_dev_set(ver: str) -> None:
+    r = Rig("dual-function-nic", ver)
+    p = r["p"]
+    a = p.open("iommu")
+    d0, _ = p.cdev_bound(0, a)
+    d1, _ = p.cdev_bound(1, a)
+    efd, ev = p.p.eventfd()
+    import struct
+
+    from fakedev.uapi import ioctls as IO
+    from fakedev.uapi import structs as S
+    req = S.VFIO_IRQ_SET.pack(argsz=24, flags=C.VFIO_IRQ_SET_DATA_EVENTFD | C.VFIO_IRQ_SET_ACTION_TRIGGER,
+                              index=4, start=0, count=1) + struct.pack("<i", efd)
+    p.ioctl(d1, IO.VFIO_DEVICE_SET_IRQS, p.buf(req))
+    assert errno_of(lambda: r.k.unbind_driver(F1)) == E.EBUSY
+    assert ev.counter == 1  # the user was asked to release the device
+    p.close(d1)
+    r.k.unbind_driver(F1)
+    assert [d.name for d in r.k.vfio_devices()] == [F0]
+    assert "vfio/14" not in {n.path for n in r.k.nodes()}
+    assert r.k.describe()["dev_sets"] == [{"key": "bus 0000:01", "devices": [F0]}]
+    r.k.bind_driver(F1, "igb")  # now example (e)
+    _, hdr, ents = p.hot_reset_info(d0)
+    assert hdr["flags"] == DEV_ID and ents[1][0] == NOT_OWNED
+    assert errno_of(lambda: p.hot_reset(d0)) == E.EINVAL
+    r.k.unbind_driver(F1)
+    r.k.bind_driver(F1, "vfio-pci")
+    assert [(d.index, d.name) for d in r.k.vfio_devices()] == [(0, F0), (1, F1)]
+    assert {n.path: n.minor for n in r.k.nodes()}["vfio/14"] == 1
+    p.cdev_bound(1, a)
+    assert p.hot_reset(d0) == 0
+    r.check()
+
+
+def test_host_driver_bind_refused_while_group_user_owned() -> None:
+    from fakedev.kernel.kernel import Kernel
+    from tests.kernel import topologies as T
+    from tests.kernel.conftest import Proc
+
+    topo = T.shared_group()
+    k = Kernel(topo)
+    p = Proc(k)
+    a = p.open("iommu")
+    p.cdev_bound(0, a)
+    k.unbind_driver(F1)
+    assert errno_of(lambda: k.bind_driver(F1, "igb")) == E.EBUSY
+    k.bind_driver(F1, "pci-stub")  # driver_managed_dma
+    assert k.check_invariants() == []
+    assert errno_of(lambda: k.bind_driver(F1, "vfio-pci")) == E.ENODEV  # already bound
