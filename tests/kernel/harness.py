@@ -389,15 +389,25 @@ class NewProc(Step):
     """A process with the given capabilities (default: none)."""
 
     proc: str
-    caps: frozenset[int] = frozenset()
+    caps: frozenset[int] = frozenset({17, 21, 24})
+    #: the glue cannot create fds in this process (fd_install -> ENOTTY)
+    no_fd_install: bool = False
     err: int | None = None
     ret: Any = ANY
 
     def call(self, w: World) -> Any:
         assert self.proc not in w.procs, f"process {self.proc} exists"
         w.procs[self.proc] = FakeProcess(caps=self.caps)
-        w.tasks[self.proc] = w.procs[self.proc].task()
+        w.tasks[self.proc] = (NoInstallTask(w.procs[self.proc], w.procs[self.proc].pid) if self.no_fd_install
+                              else w.procs[self.proc].task())
         return 0
+
+
+class NoInstallTask(FakeTask):
+    """A task whose fds the glue cannot create (Task.fd_install raises ENOTTY)."""
+
+    def fd_install(self, file: Any) -> int:
+        raise KernelError(E.ENOTTY, "cannot install fds in this process")
 
 
 @dataclass

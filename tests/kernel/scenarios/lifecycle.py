@@ -163,7 +163,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("life-option-rlimit-set-busy-and-eperm", DUAL, BOTH, [
         Open("p", "iommu", "A"), ioas_alloc("p", "A", ioas=1),
         option("p", "A", option_id=C.IOMMU_OPTION_RLIMIT_MODE, op=C.IOMMU_OPTION_OP_SET, val64=1, err=E.EBUSY),
-        NewProc("u"), Open("u", "iommu", "U"),
+        NewProc("u", caps=frozenset()), Open("u", "iommu", "U"),
         option("u", "U", option_id=C.IOMMU_OPTION_RLIMIT_MODE, op=C.IOMMU_OPTION_OP_SET, val64=1, err=E.EPERM),
         option("u", "U", option_id=C.IOMMU_OPTION_RLIMIT_MODE, op=C.IOMMU_OPTION_OP_GET, out={"val64": 0}),
     ], doc="SPEC 3.17: SET needs CAP_SYS_RESOURCE and an empty context"),
@@ -244,4 +244,17 @@ SCENARIOS += [
         ioas_alloc("p", "A", ioas=1),
     ], doc="vfio_df_group_open: the device is opened, the compat IOAS attach fails (ENODEV), and the "
            "vfio_df_close unwind closes it again: the last close of the dev_set resets the bus"),
+]
+
+SCENARIOS += [
+    Scenario("life-get-device-fd-without-fd-install", DUAL, BOTH, [
+        NewProc("n", no_fd_install=True),
+        *group_container("n", bdfs=(F0,)),
+        get_device_fd("n", "g0", F0, err=E.ENOTTY),
+        unset_container("n", "g0"),
+        Exit("n"),
+        NothingLeft(),
+        *cdev_bound("q"),
+    ], doc="Task.fd_install contract: where no fd can be created the call fails ENOTTY and the model "
+           "drops the device file (no open device, no group reference left)"),
 ]
