@@ -481,3 +481,17 @@ SCENARIOS += [
                        entries=[entry(1, F0), entry(NOT_OWNED, F1)]),
     ], tweak=_no_group(F1), doc="SPEC 4.6: cdev mode never asks for the iommu group of a non-member"),
 ]
+
+SCENARIOS += [
+    Scenario("bind-flr-device-lock-contended-eagain", FLR, BOTH, [
+        Open("p", "iommu", "A"), Open("p", cdev_path(L0), "d0"),
+        SetHook("device_lock_contended", {L0}),
+        MarkResets(),
+        bind("p", "d0", "A", err=E.EAGAIN),
+        NoResets(),
+        Open("q", group_path(L0), "g"), Close("q", "g"),
+        SetHook("device_lock_contended", set()),
+        bind("p", "d0", "A", devid=1),
+    ], doc="SPEC 3.4 step 7: open_device fails EAGAIN when the initial reset cannot take the device lock; "
+           "everything (group block, ownership, devid) is undone"),
+]
