@@ -87,6 +87,13 @@ try:
     execute("qmp_capabilities")
     out["pci"] = execute("query-pci")["return"]
     out["before"] = state()
+    fd_dir = f"/proc/{qemu.pid}/fd"
+    out["qemu_fds"] = {}
+    for fd in os.listdir(fd_dir):
+        try:
+            out["qemu_fds"][fd] = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            pass
     out["reset"] = execute("system_reset", wait_event="RESET")
     out["after"] = state()
     execute("quit")
@@ -136,6 +143,10 @@ class Run:
 
     def calls(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.trace if r.get("op") == "ioctl" and r["name"] == name]
+
+    def qemu_fds_on(self, suffix: str) -> list[int]:
+        """QEMU's fds open on a file whose path ends with ``suffix``."""
+        return sorted(int(fd) for fd, link in self.out["qemu_fds"].items() if link.endswith(suffix))
 
     def qemu_lines(self, prefix: str) -> list[str]:
         return [line for line in self.qemu_stderr.splitlines() if line.startswith(prefix)]
@@ -226,6 +237,9 @@ def test_both_functions_system_reset_is_one_multi_device_hot_reset(tmp_path: Pat
     assert resets and all(c["errno"] is None and c["result"] == 0 for c in resets), resets
     for c in resets:  # legacy path: one group fd per dependent group
         assert c["request"]["count"] == 2 and c["request"]["argsz"] == 12 + 4 * 2, c
+    # ... which are QEMU's own opens of /dev/vfio/13 and /dev/vfio/14 (the model
+    # refuses a reset whose fds do not cover every group of the dev_set)
+    assert len(run.qemu_fds_on("/vfio/13")) == 1 and len(run.qemu_fds_on("/vfio/14")) == 1
     # QEMU looked at the dependencies first: both groups, both its own.
     deps = run.qemu_lines("vfio_pci_hot_reset_dep_devices")
     assert any(f"{F0} group 13" in d for d in deps) and any(f"{F1} group 14" in d for d in deps)
