@@ -495,3 +495,52 @@ SCENARIOS += [
     ], doc="SPEC 3.4 step 7: open_device fails EAGAIN when the initial reset cannot take the device lock; "
            "everything (group block, ownership, devid) is undone"),
 ]
+
+# -- the same rules on the hot-plug slot and the shared group -----------------------
+SCENARIOS += [
+    Scenario("hr-hotplug-enospc-6.6", HOTPLUG, V66, [
+        *cdev_bound(bdf=H0, devid=1),
+        hot_reset_info("p", "d0", argsz=20, buflen=28, err=E.ENOSPC, count=2, out_flags=3,
+                       entries=[entry(1, H0), UNTOUCHED]),
+    ]),
+    Scenario("hr-hotplug-enospc-6.12", HOTPLUG, V612, [
+        *cdev_bound(bdf=H0, devid=1),
+        hot_reset_info("p", "d0", argsz=20, buflen=28, err=E.ENOSPC, count=2, out_flags=0, entries=UNTOUCHED),
+    ]),
+    Scenario("hr-hotplug-group-count-checks", HOTPLUG, BOTH, [
+        *group_container(bdfs=(H0, H1), names=("g30", "g31")),
+        *group_device(bdf=H1, grp="g31", dev="gd1"),
+        hot_reset("p", "gd1", [], err=E.EINVAL),
+        hot_reset("p", "gd1", ["g30", "g31", "g31"], err=E.EINVAL),
+        hot_reset("p", "gd1", ["g31", 9999], err=E.EBADF),
+        hot_reset("p", "gd1", ["g31", "c"], err=E.EINVAL),
+        MarkResets(),
+        hot_reset("p", "gd1", ["g30", "g31"]), Resets(H0, H1),
+    ]),
+    Scenario("hr-hotplug-memory-lock", HOTPLUG, BOTH, [
+        *cdev_bound(bdf=H0, devid=1), Open("p", cdev_path(H1), "d1"), bind("p", "d1", "A", devid=2),
+        MarkResets(),
+        SetHook("memory_lock_contended", {H1}),
+        hot_reset("p", "d0", [], err=E.EBUSY), NoResets(),
+    ]),
+    Scenario("hr-shared-group-cdev-count-1-einval", SHARED, BOTH, [
+        *cdev_bound(devid=1),
+        Open("q", "vfio/vfio", "c"),
+        hot_reset("p", "d0", [], count=1, argsz=16, err=E.EINVAL),
+    ]),
+    Scenario("hr-shared-group-path-group-count-gt-ndev", SHARED, BOTH, [
+        *group_container(bdfs=(F0,), names=("g13",)), *group_device(grp="g13"),
+        hot_reset("p", "gd0", ["g13", "g13", "g13"], err=E.EINVAL),
+    ]),
+    Scenario("hr-shared-last-close-after-both", SHARED, BOTH, [
+        *cdev_bound(devid=1), Open("p", cdev_path(F1), "d1"), bind("p", "d1", "A", devid=2),
+        MarkResets(),
+        Close("p", "d1"), NoResets(),
+        Close("p", "d0"), Resets(F0, F1),
+    ]),
+    Scenario("hr-hostsib-group-info-enospc-6.6", HOSTSIB, V66, [
+        *group_container(bdfs=(F0,), names=("g13",)), *group_device(grp="g13"),
+        hot_reset_info("p", "gd0", argsz=20, buflen=28, err=E.ENOSPC, count=2, out_flags=0,
+                       entries=[gentry(F0), UNTOUCHED]),
+    ]),
+]
