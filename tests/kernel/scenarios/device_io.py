@@ -22,6 +22,7 @@ from tests.kernel.harness import (
     Read,
     Scenario,
     World,
+    Write,
     api_version,
     check_extension,
     device_info,
@@ -347,3 +348,36 @@ SCENARIOS += [
     ]),
 ]
 _ = FD
+
+SCENARIOS += [
+    Scenario("rw-config-out-of-range-efault", DUAL, BOTH, [
+        *cdev_bound(),
+        Read("p", "d0", off(7) + 4096, 4, err=E.EFAULT),
+        Read("p", "d0", off(7) + 4094, 4, err=E.EFAULT),
+    ], doc="vfio_config_do_rw: pos or pos+count beyond cfg_size -> EFAULT"),
+    Scenario("rw-config-vendor-read-only", DUAL, BOTH, [
+        *cdev_bound(),
+        Write("p", "d0", off(7), b"\xff\xff\xff\xff", ret=4),
+        Read("p", "d0", off(7), 4, data=bytes.fromhex("361bf000")),
+    ], doc="vendor/device ids are read-only in vfio-pci's virtualized config space"),
+    Scenario("rw-config-bar-sizing", DUAL, BOTH, [
+        *cdev_bound(),
+        Write("p", "d0", off(7) + 0x10, b"\xff\xff\xff\xff", ret=4),
+        Read("p", "d0", off(7) + 0x10, 4, data=(0xFFFE0000).to_bytes(4, "little")),
+    ], doc="vfio_bar_fixup: a BAR written all-ones reads back its size mask (0x20000 mem32 BAR)"),
+    Scenario("rw-bar-past-end-einval", DUAL, BOTH, [
+        *cdev_bound(),
+        Read("p", "d0", off(0) + 0x20000, 4, err=E.EINVAL),
+        Read("p", "d0", off(0) + 0x1FFFC, 4, ret=ANY),
+    ], doc="vfio_pci_bar_rw: pos >= BAR end -> EINVAL"),
+    Scenario("rw-region-index-out-of-range", DUAL, BOTH, [
+        *cdev_bound(),
+        Read("p", "d0", off(9), 4, err=E.EINVAL),
+        Read("p", "d0", off(C.VFIO_PCI_VGA_REGION_INDEX), 1, err=E.EINVAL),
+    ], doc="vfio_pci_rw: index beyond the regions -> EINVAL; VGA on a non-VGA device -> EINVAL"),
+    Scenario("rw-rom-absent-einval", DUAL, BOTH, [
+        *cdev_bound(),
+        Read("p", "d0", off(6), 4, err=E.EINVAL),
+        Write("p", "d0", off(6), b"\0\0\0\0", err=E.EINVAL),
+    ]),
+]
