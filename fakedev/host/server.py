@@ -6,7 +6,10 @@ as S_IFCHR would be opened through a real char driver), then answer
 OPEN/IOCTL/READ/WRITE/POLL/RELEASE by calling the model's ``File`` with a
 ``ProcessTask`` for the calling thread. A small control area lives at
 ``.fakedev/`` in the mount: ``state.json`` (read: ``kernel.describe()``) and
-``trace`` (write ``on``/``off``; read the current setting).
+``trace`` (write ``on``/``off``; read the current setting), and ``devfd``
+(for the supervisor: each open is an fh with no model file yet, which
+``bind_fh`` later makes an open of a model ``File``; an fh never bound is
+simply dropped at release).
 
 Concurrency: the model is synchronous and not thread-safe. Every model call
 runs under one ``trio.Lock``. Calls that may look up the caller's fds
@@ -44,6 +47,7 @@ log = logging.getLogger("fakedev.server")
 
 OPEN_FLAGS = P.FOPEN_DIRECT_IO | P.FOPEN_NOFLUSH
 CONTROL_DIR = ".fakedev"
+DEVFD_PATH = f"{CONTROL_DIR}/devfd"
 _FH_LIMIT = 1 << 31  # fh travels back as an ioctl result (int32)
 T = TypeVar("T")
 
@@ -102,6 +106,7 @@ class Server:
         self._files: dict[int, File] = {}
         self._paths: dict[int, str] = {}
         self._controls: dict[int, _Control] = {}
+        self._unbound: set[int] = set()
         self._pollers: dict[int, tuple[int, int]] = {}
         self._nodes: dict[int, _Node] = {}
         self._devnodes: dict[int, DevNode] = {}
@@ -135,6 +140,17 @@ class Server:
         directories, the control area and unknown inodes). For reporting a node's
         char-device identity (major, minor, mode) where FUSE serves a regular file."""
         return self._devnodes.get(ino)
+
+    def bind_fh(self, fh: int, file: File) -> None:
+        """Make ``fh`` (an open of ``.fakedev/devfd`` not yet bound) an open of
+        ``file``: later calls on it reach ``file``, its release releases it.
+
+        Call with the model lock held (``file`` is model state). KeyError if
+        ``fh`` is not an unbound devfd open.
+        """
+        self._unbound.remove(fh)
+        self._files[fh] = file
+        self._paths[fh] = DEVFD_PATH
 
     @property
     def open_files(self) -> int:
@@ -195,6 +211,7 @@ class Server:
 
     def _release_all(self) -> None:
         files, self._files = self._files, {}
+        self._unbound.clear()
         self._paths.clear()
         self._pollers.clear()
         for f in files.values():
@@ -235,6 +252,7 @@ class Server:
         d, _ = dirs(f"{CONTROL_DIR}/x")
         add(d, "state.json", mode=P.S_IFREG | 0o444, control="state")
         add(d, "trace", mode=P.S_IFREG | 0o644, control="trace")
+        add(d, "devfd", mode=P.S_IFREG | 0o600, control="devfd")
         self._nodes = nodes
         self._devnodes = devnodes
 
@@ -243,7 +261,7 @@ class Server:
 
     def _new_fh(self) -> int:
         fh = self._next_fh
-        while fh in self._files or fh in self._controls:
+        while fh in self._files or fh in self._controls or fh in self._unbound:
             fh = fh + 1 if fh + 1 < _FH_LIMIT else 1
         self._next_fh = fh + 1 if fh + 1 < _FH_LIMIT else 1
         return fh
@@ -385,12 +403,16 @@ class Server:
 
             return self._model(req, fn)
         fh = self._new_fh()
+        if n.control == "devfd":
+            self._unbound.add(fh)
+            return P.reply_open(req.unique, fh, OPEN_FLAGS)
         self._controls[fh] = _Control(n, b"")
         return P.reply_open(req.unique, fh, P.FOPEN_DIRECT_IO)
 
     def _h_release(self, req: P.ReleaseRequest) -> bytes | Deferred:
         fh = req.fh
         if self._controls.pop(fh, None) is not None or fh not in self._files:
+            self._unbound.discard(fh)
             return P.reply_empty(req.unique)
 
         def fn(task: ProcessTask) -> bytes:
@@ -519,7 +541,7 @@ class Server:
 
     def _identity(self, req: P.IoctlRequest) -> bytes:
         """Which open is this? Answered only to our own threads (fget's worker)."""
-        if req.fh not in self._files and req.fh not in self._controls:
+        if req.fh not in self._files and req.fh not in self._controls and req.fh not in self._unbound:
             return P.reply_error(req.unique, errno.ENOTTY)
         if req.pid not in self._worker_tids and not os.path.exists(f"/proc/self/task/{req.pid}"):
             return P.reply_error(req.unique, errno.ENOTTY)

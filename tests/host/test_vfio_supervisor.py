@@ -10,6 +10,8 @@ real FUSE server serving the dual-function NIC tree.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import stat
@@ -79,6 +81,74 @@ int main(int argc, char **argv)
 	return ok ? 0 : 1;
 }
 """
+
+
+LEGACY = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+/* legacy MOUNT GROUP BDF: the group path to a device fd, at the mount's paths */
+int main(int argc, char **argv)
+{
+	if (argc != 4)
+		return 2;
+	char path[4096];
+	snprintf(path, sizeof(path), "%s/vfio/vfio", argv[1]);
+	int c = open(path, O_RDWR);
+	snprintf(path, sizeof(path), "%s/vfio/%s", argv[1], argv[2]);
+	int g = open(path, O_RDWR);
+	if (c < 0 || g < 0) { perror("open"); return 1; }
+	uint32_t status[2] = {8, 0};
+	if (ioctl(g, 0x3b67, status) || ioctl(g, 0x3b68, &c) || ioctl(c, 0x3b66, 3)) {
+		perror("group setup"); return 1;
+	}
+	int bad = ioctl(g, 0x3b6a, "0000:99:00.0");
+	printf("bad %d %d\n", bad, bad < 0 ? errno : 0);
+	int p[2];
+	if (pipe(p)) return 1;
+	int other = ioctl(p[0], 0x3b6a, argv[3]);
+	printf("pipe %d %d\n", other, other < 0 ? errno : 0);
+	int d = ioctl(g, 0x3b6a, argv[3]);
+	if (d < 0) { printf("getfd -1 %d\n", errno); return 1; }
+	printf("getfd %d cloexec %d\n", d, (fcntl(d, F_GETFD) & FD_CLOEXEC) ? 1 : 0);
+	uint32_t info[6] = {24, 0, 0, 0, 0, 0};
+	int r = ioctl(d, 0x3b6b, info);
+	printf("info %d flags %u regions %u irqs %u\n", r, info[1], info[2], info[3]);
+	snprintf(path, sizeof(path), "%s/.fakedev/state.json", argv[1]);
+	FILE *f = fopen(path, "r");
+	if (!f) { perror("state"); return 1; }
+	printf("state\n");
+	char buf[4096];
+	size_t n;
+	while ((n = fread(buf, 1, sizeof(buf), f)) > 0)
+		fwrite(buf, 1, n, stdout);
+	fclose(f);
+	return 0;
+}
+"""
+
+
+def build(tmp_path_factory: pytest.TempPathFactory, name: str, source: str) -> str:
+    gcc = shutil.which("gcc")
+    assert gcc, f"gcc is needed to build {name}"
+    d = tmp_path_factory.mktemp(name)
+    (d / f"{name}.c").write_text(source)
+    exe = d / name
+    subprocess.run(
+        [gcc, "-O1", "-Wall", "-Werror", "-o", str(exe), str(d / f"{name}.c")], check=True
+    )
+    return str(exe)
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build(tmp_path_factory, "legacy", LEGACY)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +253,54 @@ async def test_every_node_maps_to_its_devnode(served: Served) -> None:
         assert served.server.devnode_for_ino(by_path[n.path]) == n
     root_ino = await trio.to_thread.run_sync(lambda: os.stat(served.mount).st_ino)
     assert served.server.devnode_for_ino(root_ino) is None
+
+
+async def test_group_get_device_fd_binds_the_models_file_to_a_devfd_open(
+    served: Served, legacy: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cmd = sh([legacy, str(served.mount), "13", "0000:01:00.0"], out)
+    status, text = await run(cmd, served, out, stat_mode=False)
+    assert status == 0, text
+    head, state_text = text.split("state\n", 1)
+    lines = head.splitlines()
+    assert lines[0] == f"bad -1 {errno.ENODEV}"  # the model's errno, through the supervisor
+    assert lines[1] == f"pipe -1 {errno.ENOTTY}"  # not ours: the real kernel answered
+    getfd, _fd, cloexec, flag = lines[2].split()
+    assert getfd == "getfd" and cloexec == "cloexec" and flag == "1"
+    # VFIO_DEVICE_FLAGS_PCI without RESET (no FLR, PM No_Soft_Reset), 9 regions, 5 irqs
+    assert lines[3] == "info 0 flags 2 regions 9 irqs 5"
+    # while the client held it, the model saw a group-opened device file
+    state = json.loads(state_text)
+    dev = next(d for d in state["devices"] if d["bdf"] == "0000:01:00.0")
+    assert dev["open_count"] == 1 and not dev["cdev_opened"] and dev["cdev_files"] == 0, dev
+    g13 = next(g for g in state["groups"] if g["id"] == 13)
+    assert g13["open"] and g13["container_iommu"], g13
+    # after the client exited, every open (container, group, device) was released
+    with trio.fail_after(10):
+        while served.server.open_files:
+            await trio.sleep(0.01)
+    after = served.kernel.describe()
+    assert next(d for d in after["devices"] if d["bdf"] == "0000:01:00.0")["open_count"] == 0
+    assert served.kernel.check_invariants() == []
+
+
+async def test_devfd_open_never_bound_is_dropped(served: Served) -> None:
+    def open_close() -> int:
+        fd = os.open(served.mount / ".fakedev" / "devfd", os.O_RDWR)
+        try:
+            os.read(fd, 4)
+        except OSError as exc:
+            return exc.errno or 0
+        finally:
+            os.close(fd)
+        return 0
+
+    assert await trio.to_thread.run_sync(open_close) == errno.EBADF
+    with trio.fail_after(10):
+        while served.server._unbound:
+            await trio.sleep(0.01)
+    assert served.server.open_files == 0
 
 
 def test_filter_traps_only_what_is_asked() -> None:
