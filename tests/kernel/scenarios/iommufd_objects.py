@@ -5,15 +5,21 @@ from __future__ import annotations
 import errno as E
 
 from fakedev.uapi import consts as C
+from fakedev.uapi import ioctls as IO
+from fakedev.uapi import structs as S
 from tests.kernel.harness import (
     BOTH,
     V66,
     V612,
+    Check,
     Close,
     Exit,
+    Ioctl,
+    Lazy,
     Open,
     Scenario,
     V,
+    World,
     allow_iovas,
     attach,
     bind,
@@ -347,3 +353,70 @@ SCENARIOS += [
 
 def _untouched(raw: bytes, start: int) -> None:
     assert all(b == 0xA5 for b in raw[start:]), f"bytes from {start} written: {raw[start:].hex()}"
+
+
+def _ranges(*rs: tuple[int, int]) -> Lazy:
+    """A user array of iommu_iova_range {start, last}."""
+    data = b"".join(S.IOMMU_IOVA_RANGE.pack(start=a, last=b) for a, b in rs)
+    return Lazy(lambda w: w.proc("p").alloc(data or 16), f"ranges{rs}")
+
+
+def _range_buf(n: int) -> Lazy:
+    def fn(w: World) -> int:
+        w.vals["rangebuf"] = w.proc("p").alloc(b"\xa5" * (16 * n))
+        return w.vals["rangebuf"]
+
+    return Lazy(fn, f"range_buf({n})")
+
+
+def _read_ranges(n: int, want: list[tuple[int, int]]) -> Check:
+    def fn(w: World) -> None:
+        raw = w.proc("p").peek(w.vals["rangebuf"], 16 * n)
+        got = [(S.IOMMU_IOVA_RANGE.unpack(raw[i * 16:(i + 1) * 16])["start"],
+                S.IOMMU_IOVA_RANGE.unpack(raw[i * 16:(i + 1) * 16])["last"]) for i in range(len(want))]
+        assert got == want, f"ranges {got}, expected {want}"
+
+    return Check(fn, f"ranges == {want}")
+
+
+def _iova_in(lo: int, hi: int) -> Check:
+    def fn(w: World) -> None:
+        assert lo <= w.vals["iova"] <= hi, f"iova {w.vals['iova']:#x} outside [{lo:#x}, {hi:#x}]"
+
+    return Check(fn, f"{lo:#x} <= iova <= {hi:#x}")
+
+
+SCENARIOS += [
+    Scenario("ioas-iova-ranges-fresh-entries", DUAL, BOTH, [
+        Open("p", "iommu", "A"), ioas_alloc("p", "A", ioas=1),
+        Ioctl("p", "A", IO.IOMMU_IOAS_IOVA_RANGES, S.IOMMU_IOAS_IOVA_RANGES,
+              fields={"size": 32, "ioas_id": 1, "num_iovas": 2, "allowed_iovas": _range_buf(2)},
+              out={"num_iovas": 1, "out_iova_alignment": 1}),
+        _read_ranges(1, [(0, U64)]),
+    ], doc="SPEC 3.12: a fresh IOAS is one range [0, U64_MAX]"),
+    Scenario("ioas-allow-iovas-auto-map-inside", DUAL, BOTH, [
+        Open("p", "iommu", "A"), ioas_alloc("p", "A", ioas=1),
+        Ioctl("p", "A", IO.IOMMU_IOAS_ALLOW_IOVAS, S.IOMMU_IOAS_ALLOW_IOVAS,
+              fields={"size": 24, "ioas_id": 1, "num_iovas": 1,
+                      "allowed_iovas": _ranges((0x10000000, 0x1FFFFFFF))}),
+        ioas_map("p", "A", 1, flags=RW, length=0x2000, save="iova"),
+        _iova_in(0x10000000, 0x1FFFFFFF - 0x1FFF),
+    ], doc="SPEC 3.14: auto IOVA is searched in the allowed ranges"),
+    Scenario("ioas-allow-iovas-bad-ranges", DUAL, BOTH, [
+        Open("p", "iommu", "A"), ioas_alloc("p", "A", ioas=1),
+        Ioctl("p", "A", IO.IOMMU_IOAS_ALLOW_IOVAS, S.IOMMU_IOAS_ALLOW_IOVAS,
+              fields={"size": 24, "ioas_id": 1, "num_iovas": 1, "allowed_iovas": _ranges((0x2000, 0x1000))},
+              err=E.EINVAL),
+        Ioctl("p", "A", IO.IOMMU_IOAS_ALLOW_IOVAS, S.IOMMU_IOAS_ALLOW_IOVAS,
+              fields={"size": 24, "ioas_id": 1, "num_iovas": 2,
+                      "allowed_iovas": _ranges((0x1000, 0x4fff), (0x3000, 0x8fff))}, err=E.EINVAL),
+        Ioctl("p", "A", IO.IOMMU_IOAS_ALLOW_IOVAS, S.IOMMU_IOAS_ALLOW_IOVAS,
+              fields={"size": 24, "ioas_id": 1, "num_iovas": 1, "allowed_iovas": 0}, err=E.EFAULT),
+    ], doc="SPEC 3.13: start >= last or overlapping ranges -> EINVAL; bad array pointer -> EFAULT"),
+    Scenario("ioas-allow-iovas-reserved-conflict", DUAL, BOTH, [
+        *cdev_bound(), ioas_alloc("p", "A", ioas=2), attach("p", "d0", 2, pt_out=3),
+        Ioctl("p", "A", IO.IOMMU_IOAS_ALLOW_IOVAS, S.IOMMU_IOAS_ALLOW_IOVAS,
+              fields={"size": 24, "ioas_id": 2, "num_iovas": 1,
+                      "allowed_iovas": _ranges((0xFEE00000, 0xFEE0FFFF))}, err=E.EADDRINUSE),
+    ], doc="SPEC 3.13: an allowed range intersecting a reserved one (MSI window) -> EADDRINUSE"),
+]
