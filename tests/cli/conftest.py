@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,9 @@ def user_can_read(user: str, path: Path) -> bool:
 
 
 @pytest.fixture(scope="session")
-def user_pythonpath(unprivileged_user: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+def user_pythonpath(
+    unprivileged_user: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A PYTHONPATH the unprivileged user can read: ours if it can, else a
     world-readable copy of the runtime packages (e.g. a checkout under /root;
     FAKEDEV_TEST_COPY_SITE=1 forces the copy)."""
@@ -71,7 +74,8 @@ def user_pythonpath(unprivileged_user: str, tmp_path_factory: pytest.TempPathFac
     paths = python_env()["PYTHONPATH"].split(os.pathsep)
     if not os.environ.get("FAKEDEV_TEST_COPY_SITE") and all(user_can_read(unprivileged_user, Path(p)) for p in paths if Path(p).exists()):
         if user_can_read(unprivileged_user, REPO / "fakedev" / "__init__.py"):
-            return python_env()["PYTHONPATH"]
+            yield python_env()["PYTHONPATH"]
+            return
     shared = Path(tempfile.mkdtemp(prefix="fakedev-site-"))
     for name in RUNTIME_PACKAGES:
         mod = importlib.import_module(name)
@@ -80,7 +84,8 @@ def user_pythonpath(unprivileged_user: str, tmp_path_factory: pytest.TempPathFac
         shutil.copytree(src, shared / name, ignore=shutil.ignore_patterns("__pycache__"))
     for d in (shared, *shared.rglob("*")):
         d.chmod(0o755 if d.is_dir() else 0o644)
-    return str(shared)
+    yield str(shared)
+    shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -121,14 +121,16 @@ def test_run_as_unprivileged_user(
     tree = shared / "tree.toml"
     shutil.copy(FIXTURES / "dual-function-nic.toml", tree)
     tree.chmod(0o644)
-    r = subprocess.run(
-        ["runuser", "-u", unprivileged_user, "--", "env",
-         f"PYTHONPATH={user_pythonpath}", exe, "-m", "fakedev.cli.main", "run",
-         "--tree", str(tree), "--",
-         "sh", "-c", f"id -u; '{client}' 0000:01:00.0 0000:01:00.1"],
-        capture_output=True, text=True, timeout=120, cwd="/",
-    )
-    shutil.rmtree(shared)
+    try:
+        r = subprocess.run(
+            ["runuser", "-u", unprivileged_user, "--", "env",
+             f"PYTHONPATH={user_pythonpath}", exe, "-m", "fakedev.cli.main", "run",
+             "--tree", str(tree), "--",
+             "sh", "-c", f"id -u; '{client}' 0000:01:00.0 0000:01:00.1"],
+            capture_output=True, text=True, timeout=120, cwd="/",
+        )
+    finally:
+        shutil.rmtree(shared)
     assert r.returncode == 0, r.stdout + r.stderr
     uid = subprocess.run(["id", "-u", unprivileged_user], capture_output=True, text=True)
     assert r.stdout.splitlines()[0] == uid.stdout.strip()
