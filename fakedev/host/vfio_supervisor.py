@@ -141,9 +141,10 @@ class DeviceFdHandler:
             self.installed += 1
             return InstallFd(ours, cloexec=True)
         finally:
-            if local >= 0:  # unbound: its release just drops the fh
-                await trio.to_thread.run_sync(os.close, local)
-            await trio.to_thread.run_sync(os.close, copy)
+            with trio.CancelScope(shield=True):  # closed even when cancelled
+                if local >= 0:  # unbound: its release just drops the fh
+                    await trio.to_thread.run_sync(os.close, local)
+                await trio.to_thread.run_sync(os.close, copy)
 
     def _pin_group(self, tid: int, fd: int) -> tuple[int, File] | None:
         """Worker thread: a copy of the caller's ``fd`` and its File, if it is
