@@ -65,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--supervise",
         action="store_true",
-        help="trap VFIO_GROUP_GET_DEVICE_FD with a seccomp supervisor so the legacy "
+        help="answer VFIO_GROUP_GET_DEVICE_FD through a seccomp supervisor, so the legacy "
         "group path works (sets no_new_privs for CMD)",
+    )
+    run.add_argument(
+        "--stat-mode",
+        action="store_true",
+        help="the nodes stat as character devices (S_ISCHR, st_rdev), for programs that "
+        "check (QEMU's open_cdev); every stat of CMD is trapped",
     )
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
@@ -179,11 +185,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     tree, kernel = load_kernel(args.tree)
     served: Any = kernel
-    adopting = None
-    if args.supervise:
-        from fakedev.cli.legacy import AdoptingKernel
-
-        served = adopting = AdoptingKernel(kernel)
     if ns.rootless:
         served = OwnedNodes(served, ns.uid, ns.gid)
     server = make_server(served, args.trace, args.trace_text)
@@ -194,7 +195,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd=cmd,
         rootless=ns.rootless,
         staging_root=Path(tempfile.mkdtemp(prefix="fakedev-")),
-        adopting=adopting,
+        supervise=args.supervise,
+        stat_mode=args.stat_mode,
     )
     return trio.run(session.run)
 

@@ -90,9 +90,11 @@ class RunSession:
     stderr: Any = sys.stderr
     generate: Callable[[Path, Any, Any], None] = generate_sysfs_into
     returncode: int | None = None
-    #: set for ``--supervise``: the AdoptingKernel the server serves
-    adopting: Any = None
-    _supervisor: Any = None
+    #: run CMD under the seccomp supervisor: GROUP_GET_DEVICE_FD answered
+    supervise: bool = False
+    #: ... and the served nodes stat as char devices (QEMU's open_cdev)
+    stat_mode: bool = False
+    _nursery: trio.Nursery | None = None
     _staging: namespace.Staging | None = None
     _scope: trio.CancelScope | None = None
 
@@ -145,6 +147,7 @@ class RunSession:
         with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
+                self._nursery = nursery
                 await nursery.start(self._serve)
                 try:
                     await trio.to_thread.run_sync(self._place)
@@ -152,13 +155,6 @@ class RunSession:
                     self._say(f"cannot place the devices: {exc}")
                     nursery.cancel_scope.cancel()
                     return 1
-                if self.adopting is not None:
-                    from fakedev.cli.legacy import DeviceFdHandler
-                    from fakedev.host.supervisor import Supervisor
-
-                    handler = DeviceFdHandler(self.server, self.adopting, self._staging.fuse_dir)
-                    self._supervisor = Supervisor(handler)
-                    nursery.start_soon(self._supervisor.run)
                 try:
                     proc = await nursery.start(self._run_child, env)
                 except OSError as exc:
@@ -179,8 +175,14 @@ class RunSession:
                 return
             proc.kill()
 
-        if self._supervisor is not None:
-            proc = await self._supervisor.start_process(list(self.cmd), env=env)
+        if self.supervise or self.stat_mode:
+            from fakedev.host.vfio_supervisor import start_supervised
+
+            assert self._nursery is not None
+            proc, _sup = await start_supervised(
+                self._nursery, self.server, self.cmd, env,
+                device_fds=self.supervise, stat_mode=self.stat_mode,
+            )
         else:
             proc = await trio.lowlevel.open_process(list(self.cmd), env=env)
         task_status.started(proc)

@@ -194,3 +194,18 @@ def test_legacy_get_device_fd_without_supervisor_fails_cleanly(hotreset: str) ->
     r = fakedev_run("dual-function-nic", [hotreset, "--legacy", "0000:01:00.0"])
     assert r.returncode == 2
     assert "GROUP_GET_DEVICE_FD" in r.stderr
+
+
+def test_stat_mode_nodes_are_char_devices_and_still_served(hotreset: str) -> None:
+    r = fakedev_run(
+        "dual-function-nic",
+        ["sh", "-c", "stat -c '%F %t:%T' /dev/vfio/devices/vfio1 /dev/iommu;"
+                     f" cat /sys/class/vfio-dev/vfio1/dev; '{hotreset}' 0000:01:00.0 0000:01:00.1"],
+        extra=["--stat-mode"],
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    major, minor = (int(x) for x in lines[2].split(":"))
+    assert lines[0] == f"character special file {major:x}:{minor:x}"
+    assert lines[1].startswith("character special file a:")
+    assert lines_of(r.stdout, "reset") == ["0"]
