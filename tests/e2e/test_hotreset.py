@@ -4,10 +4,12 @@ only) under ``fakedev run`` on the fixtures, at the real /dev and /sys paths."""
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import fakedev_run
+from tests.e2e.conftest import fakedev_cmd, fakedev_env, fakedev_run
 
 pytestmark = pytest.mark.needs_root
 
@@ -209,3 +211,24 @@ def test_stat_mode_nodes_are_char_devices_and_still_served(hotreset: str) -> Non
     assert lines[0] == f"character special file {major:x}:{minor:x}"
     assert lines[1].startswith("character special file a:")
     assert lines_of(r.stdout, "reset") == ["0"]
+
+
+def test_trace_file_and_trace_decode(hotreset: str, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    r = fakedev_run(
+        "dual-function-nic", [hotreset, "0000:01:00.0", "0000:01:00.1"],
+        extra=["--trace", str(trace)],
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = subprocess.run(fakedev_cmd("trace-decode", str(trace)), capture_output=True, text=True,
+                       env=fakedev_env())
+    assert d.returncode == 0, d.stderr
+    calls = [line.split("] ", 1)[1].split("(", 1)[0] for line in d.stdout.splitlines()]
+    assert calls == [
+        "IOMMU_IOAS_ALLOC",
+        "VFIO_DEVICE_BIND_IOMMUFD", "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+        "VFIO_DEVICE_BIND_IOMMUFD", "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+        "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+        "VFIO_DEVICE_PCI_HOT_RESET",
+    ]
+    assert d.stdout.splitlines()[-1].endswith("{argsz=12, flags=0, count=0}) = 0")
