@@ -31,7 +31,7 @@ async def test_fuzz_every_node(tree: str, mnt: Path, fuzz_client: str, kclient: 
     base_efd = eventfds()
     async with H.served(mnt, tree) as (k, srv):
         watch = H.ResetWatch(k).install()
-        n = 6000 if tree == "dual-function-nic" else 3000
+        n = 3000 if tree == "dual-function-nic" else 2000
         res = await H.run_clients(fuzz_client, mnt, "fuzz", [11, 12], n)
         res += await H.run_clients(fuzz_client, mnt, "deep", [13], n // 2)
         calls = sum(r["calls"] for r in res)
