@@ -59,10 +59,12 @@ async def test_fuzz_every_node(tree: str, mnt: Path, fuzz_client: str, kclient: 
 async def test_fuzz_large_run(mnt: Path, fuzz_client: str, kclient: str) -> None:
     """At least 20,000 calls on the default tree from two processes at once."""
     async with H.served(mnt) as (k, srv):
+        base = len(os.listdir("/proc/self/fd"))
         res = await H.run_clients(fuzz_client, mnt, "fuzz", [101, 102], 8000)
         res += await H.run_clients(fuzz_client, mnt, "deep", [103, 104], 2500)
         assert sum(r["calls"] for r in res) >= 20_000
         inv, lk = await H.settle(k, srv)
         assert (inv, lk, srv.unexpected_errors) == ([], [], 0)
+        assert len(os.listdir("/proc/self/fd")) == base  # no pidfd, fd copy or eventfd kept
         out = await H.fresh_client_works(kclient, mnt)
         assert out[-1] == "reset 0", out
