@@ -252,6 +252,32 @@ def identify(fd: int) -> int:
     return rc if rc >= 0 else -ctypes.get_errno()
 
 
+def check_mapped(pid: int, addr: int, length: int, write: bool) -> None:
+    """KernelError(EFAULT) unless [addr, addr+length) lies in mappings of ``pid``
+    that are readable (and writable if ``write``), without gaps."""
+    end = addr + max(length, 1)
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            maps = f.read()
+    except OSError:
+        raise KernelError(errno.EFAULT, "process gone") from None
+    pos = addr
+    for line in maps.splitlines():
+        rng, perms = line.split(b" ", 2)[:2]
+        lo_s, hi_s = rng.split(b"-")
+        lo, hi = int(lo_s, 16), int(hi_s, 16)
+        if hi <= pos:
+            continue
+        if lo > pos:
+            break
+        if perms[0:1] != b"r" or (write and perms[1:2] != b"w"):
+            break
+        pos = hi
+        if pos >= end:
+            return
+    raise KernelError(errno.EFAULT, f"[{addr:#x}, {end:#x}) not mapped as needed")
+
+
 class ProcessTask:
     """A thread of a real process making a call through FUSE.
 
@@ -279,6 +305,11 @@ class ProcessTask:
 
     def write(self, addr: int, data: bytes) -> None:
         write_memory(self.tid, addr, data)
+
+    def pin_pages(self, addr: int, length: int, write: bool) -> None:
+        """pin_user_pages(): the range must be covered by the process's mappings
+        (writable ones if ``write``), judged from /proc/<pid>/maps."""
+        check_mapped(self.pid, addr, length, write)
 
     def fget(self, fd: int) -> File | HostForeignFile:
         """fdget(): our model File for one of our opens, else a HostForeignFile."""

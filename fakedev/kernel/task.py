@@ -71,6 +71,13 @@ class Task(Protocol):
         A fault part-way may leave a prefix written, as in the kernel.
         """
 
+    def pin_pages(self, addr: int, length: int, write: bool) -> None:
+        """pin_user_pages(): KernelError(EFAULT) unless every page of
+        [addr, addr+length) is mapped in the task (and writable if ``write``).
+
+        Nothing is read: this is how the model checks guest RAM of any size.
+        """
+
     def fget(self, fd: int) -> File | ForeignFile:
         """Look up fd number ``fd`` of this task; KernelError(EBADF) if not open."""
 

@@ -196,6 +196,13 @@ class FakeTask:
     def write(self, addr: int, data: bytes) -> None:
         self.proc.poke(addr, data)
 
+    def pin_pages(self, addr: int, length: int, write: bool) -> None:
+        if addr < 0 or addr + length > 1 << 64:
+            raise KernelError(errno.EFAULT)
+        for page in range(addr // PAGE, (addr + max(length, 1) - 1) // PAGE + 1):
+            if page not in self.proc.pages:
+                raise KernelError(errno.EFAULT, f"unmapped page {page * PAGE:#x}")
+
     def fget(self, fd: int) -> File | ForeignFile:
         f = self.proc.fds.get(fd)
         if f is None:

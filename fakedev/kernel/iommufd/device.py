@@ -201,6 +201,10 @@ def _change_pt(idev: IommufdDevice, pt_id: int, replace: bool) -> int:
                 continue
             raise
         return hwpt.obj_id
+    if not pt.iopt.domains:
+        # The kernel attaches the new domain (device reserved regions:
+        # EADDRINUSE) before iopt_table_add_domain() fills it (pinning: EFAULT).
+        pt.iopt.check_reserve(MSI_WINDOW[0], MSI_WINDOW[1])
     hwpt = iommufd_hw_pagetable_alloc(ictx, pt, auto_domain=True)
     try:
         run(hwpt)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from attrs import define, frozen
 
 from fakedev.kernel.errors import KernelError
-from fakedev.kernel.task import ForeignFile
+from fakedev.kernel.task import ForeignFile, Task
 
 ULONG_MAX = (1 << 64) - 1
 PAGE_SIZE = 4096
@@ -47,6 +47,12 @@ class Pages:
     file: ForeignFile | None = None
     start: int = 0
     users: int = 0
+    task: Task | None = None  # the mm pages are pinned from (user memory only)
+
+    def pin(self, offset: int, length: int) -> None:
+        """Pin [offset, offset+length) of user memory: EFAULT if not mapped."""
+        if self.task is not None:
+            self.task.pin_pages(self.uptr + offset, length, self.writable)
 
     @property
     def is_file(self) -> bool:
@@ -224,11 +230,15 @@ class IoPagetable:
         raise KernelError(errno.ENOSPC, "no free IOVA range fits")
 
     # -- map / unmap ---------------------------------------------------------
-    def map_pages(self, elems: list[tuple[Pages, int, int]], iova: int | None, prot: int) -> int:
+    def map_pages(
+        self, elems: list[tuple[Pages, int, int]], iova: int | None, prot: int, *, pin: bool = False
+    ) -> int:
         """Models iopt_map_pages(): one area per (pages, offset, length) element.
 
         ``iova`` None allocates (keyed on the first element's address).
-        Returns the IOVA used. Validates completely before inserting.
+        Returns the IOVA used. Validates completely before inserting. With
+        ``pin`` (new user pages) and a domain attached, the pages are pinned
+        after the area checks, as iopt_fill_domains_pages() does.
         """
         total = sum(n for _, _, n in elems)
         if total == 0:
@@ -248,6 +258,9 @@ class IoPagetable:
                 raise KernelError(errno.EINVAL, "page offset not aligned to the IOAS alignment")
             if prot & IOMMU_WRITE and not pages.writable:
                 raise KernelError(errno.EPERM, "write access to read-only pages")
+        if pin and self.domains:
+            for pages, off, n in elems:
+                pages.pin(off, n)
         cur = iova
         for pages, off, n in elems:
             pages.get()
@@ -404,6 +417,10 @@ class IoPagetable:
             outside.append((a1 + 1, ULONG_MAX))
         for s, last in outside:
             self.check_reserve(s, last)
+        if not self.domains:
+            # iopt_fill_domain(): the first domain pins every existing area
+            for area in self.areas:
+                area.pages.pin(area.pages_offset, area.length)
         for s, last in outside:
             self.reserved.append(Reserved(s, last, domain))
         self.domains.append(domain)

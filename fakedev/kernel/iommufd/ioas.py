@@ -22,7 +22,7 @@ from fakedev.kernel.iommufd.io_pagetable import (
     Pages,
 )
 from fakedev.kernel.iommufd.main import IommufdCtx, IommufdObject, ObjType, Ucmd
-from fakedev.kernel.task import ForeignKind
+from fakedev.kernel.task import ForeignKind, Task
 from fakedev.uapi import consts as C
 from fakedev.uapi import structs as S
 
@@ -119,14 +119,19 @@ def conv_iommu_prot(flags: int) -> int:
     return prot
 
 
-def iopt_map_user_pages(ioas: Ioas, pid: int, iova: int | None, uptr: int, length: int, prot: int) -> int:
-    """Models iopt_map_user_pages() (iopt_alloc_pages checks, then iopt_map_pages)."""
+def iopt_map_user_pages(ioas: Ioas, task: Task, iova: int | None, uptr: int, length: int, prot: int) -> int:
+    """Models iopt_map_user_pages() (iopt_alloc_pages checks, then iopt_map_pages).
+
+    With a domain attached the pages are pinned as they are mapped, so an
+    unmapped (or, for a writeable map, read-only) user range gives EFAULT;
+    without one pinning waits for the first attach (iopt_fill_domain).
+    """
     if not length:
         raise KernelError(errno.EINVAL, "zero length")
     if uptr + length - 1 > ULONG_MAX:
         raise KernelError(errno.EOVERFLOW, "user_va + length wraps")
-    pages = Pages(length, bool(prot & IOMMU_WRITE), pid=pid, uptr=uptr)
-    return ioas.iopt.map_pages([(pages, 0, length)], iova, prot)
+    pages = Pages(length, bool(prot & IOMMU_WRITE), pid=task.pid, uptr=uptr, task=task)
+    return ioas.iopt.map_pages([(pages, 0, length)], iova, prot, pin=True)
 
 
 def _map_checks(ucmd: Ucmd) -> tuple[Ioas, int, int | None]:
@@ -154,7 +159,7 @@ def iommufd_ioas_map(ucmd: Ucmd) -> int:
     """Models iommufd_ioas_map()."""
     ioas, prot, iova = _map_checks(ucmd)
     cmd = ucmd.cmd
-    got = iopt_map_user_pages(ioas, ucmd.task.pid, iova, cmd["user_va"], cmd["length"], prot)
+    got = iopt_map_user_pages(ioas, ucmd.task, iova, cmd["user_va"], cmd["length"], prot)
     _respond_mapped(ucmd, got)
     return 0
 

@@ -181,7 +181,7 @@ def iommufd_vfio_map_dma(ictx: IommufdCtx, task: Task, arg: int) -> int:
         IOMMU_WRITE if m["flags"] & C.VFIO_DMA_MAP_FLAG_WRITE else 0
     )
     ioas = get_compat_ioas(ictx)
-    iopt_map_user_pages(ioas, task.pid, m["iova"], m["vaddr"], m["size"], prot)
+    iopt_map_user_pages(ioas, task, m["iova"], m["vaddr"], m["size"], prot)
     return 0
 
 

@@ -190,8 +190,7 @@ class VfioIommuType1:
         last = iova + size - 1
         if not any(lo <= iova and last <= hi for lo, hi in self.iova_ranges):
             raise KernelError(errno.EINVAL, "outside the valid IOVA ranges")
-        task.read(vaddr, 1)  # pinning: EFAULT on an unmapped range
-        task.read(vaddr + size - 1, 1)
+        task.pin_pages(vaddr, size, bool(prot & C.VFIO_DMA_MAP_FLAG_WRITE))
         self.dmas[iova] = VfioDma(iova, size, vaddr, prot)
         self.dma_avail -= 1
         return 0

@@ -197,9 +197,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("life-cdev-bound-then-ioas-map-pins", DUAL, BOTH, [
         *cdev_bound(), ioas_alloc("p", "A", ioas=2), attach("p", "d0", 2, pt_out=3),
         ioas_map("p", "A", 2, iova=0x100000, user_va=0x7F0000000000, length=0x1000, err=E.EFAULT),
-    ], doc="SPEC 3.14: with a domain the pages are pinned; an unmapped user_va faults",
-        xfail={"*": "model bug: IOMMU_IOAS_MAP does not pin (read) the user pages when a domain is "
-                    "attached; expected EFAULT for an unmapped user_va, got 0 (mapping created)"}),
+    ], doc="SPEC 3.14: with a domain the pages are pinned; an unmapped user_va faults"),
 ]
 
 SCENARIOS += [
@@ -223,9 +221,7 @@ SCENARIOS += [
         attach("p", "d0", 2, err=E.EFAULT),
         ioas_alloc("p", "A", ioas=3),
     ], doc="iopt_table_add_domain fills the new domain from the existing areas, pinning their pages: an "
-           "unmapped user_va fails the attach with EFAULT (and the auto hwpt is aborted)",
-        xfail={"*": "model bug: attaching a device to an IOAS does not pin the pages of existing mappings; "
-                    "expected EFAULT for an area whose user_va is unmapped, got 0 (pt_id 3)"}),
+           "unmapped user_va fails the attach with EFAULT (and the auto hwpt is aborted)"),
     Scenario("life-map-with-domain-real-buffer", DUAL, BOTH, [
         *cdev_bound(), ioas_alloc("p", "A", ioas=2), attach("p", "d0", 2, pt_out=3),
         ioas_map("p", "A", 2, iova=0x100000, user_va=_buf(0x2000), length=0x2000),
