@@ -152,7 +152,9 @@ class Run:
         return [line for line in self.qemu_stderr.splitlines() if line.startswith(prefix)]
 
 
-def run_qemu(tmp_path: Path, bdfs: list[str], holder: list[str] | None = None) -> Run:
+def run_qemu(
+    tmp_path: Path, bdfs: list[str], holder: list[str] | None = None, stat_mode: bool = False
+) -> Run:
     driver = tmp_path / "qmp_driver.py"
     driver.write_text(DRIVER)
     trace = tmp_path / "trace.jsonl"
@@ -162,7 +164,7 @@ def run_qemu(tmp_path: Path, bdfs: list[str], holder: list[str] | None = None) -
     r = fakedev_run(
         "dual-function-nic",
         [sys.executable, str(driver), json.dumps(cfg)],
-        extra=["--supervise", "--trace", str(trace)],
+        extra=["--supervise", "--trace", str(trace), *(["--stat-mode"] if stat_mode else [])],
         timeout=180,
     )
     qemu_stderr = stderr.read_text() if stderr.exists() else ""
@@ -194,6 +196,8 @@ def test_one_function_is_realized_through_the_group_and_cannot_be_hot_reset(
     assert dev["open_count"] == 1 and not dev["cdev_opened"] and dev["cdev_files"] == 0, dev
     g13 = group(st, 13)
     assert g13["open"] and g13["container"] and g13["container_iommu"], g13
+    # QEMU's device fd is the supervisor's install: an open of the mount's devfd node
+    assert len(run.qemu_fds_on("/.fakedev/devfd")) == 1, run.out["qemu_fds"]
     assert not group(st, 14)["open"]
     # QEMU read the device through that fd: every realize-time call answered.
     for name in (
@@ -220,12 +224,16 @@ def test_one_function_is_realized_through_the_group_and_cannot_be_hot_reset(
     assert "vfio_pci_hot_reset_result" not in run.qemu_stderr
 
 
-def test_both_functions_system_reset_is_one_multi_device_hot_reset(tmp_path: Path) -> None:
-    run = run_qemu(tmp_path, [F0, F1])
+@pytest.mark.parametrize("stat_mode", [False, True], ids=["plain", "stat-mode"])
+def test_both_functions_system_reset_is_one_multi_device_hot_reset(
+    tmp_path: Path, stat_mode: bool
+) -> None:
+    run = run_qemu(tmp_path, [F0, F1], stat_mode=stat_mode)
     devices = run.pci_devices()
     assert (*NIC, "hostdev0") in devices and (*NIC, "hostdev1") in devices, run
     st = run.out["before"]
     assert device(st, F0)["open_count"] == device(st, F1)["open_count"] == 1
+    assert len(run.qemu_fds_on("/.fakedev/devfd")) == 2, run.out["qemu_fds"]
     assert group(st, 13)["open"] and group(st, 14)["open"]
     # One hot reset, in QEMU's multi-device pass, with both group fds.
     assert sorted(run.hot_resets_during_system_reset()) == [F0, F1], run
