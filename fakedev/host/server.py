@@ -252,7 +252,9 @@ class Server:
         d, _ = dirs(f"{CONTROL_DIR}/x")
         add(d, "state.json", mode=P.S_IFREG | 0o444, control="state")
         add(d, "trace", mode=P.S_IFREG | 0o644, control="trace")
-        add(d, "devfd", mode=P.S_IFREG | 0o600, control="devfd")
+        # opened by this process only (the supervisor): owned by whoever serves,
+        # the caller's own uid in a rootless run
+        add(d, "devfd", mode=P.S_IFREG | 0o600, uid=os.geteuid(), gid=os.getegid(), control="devfd")
         self._nodes = nodes
         self._devnodes = devnodes
 

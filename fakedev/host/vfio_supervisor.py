@@ -89,6 +89,9 @@ class _BindingTask:
     def write(self, addr: int, data: bytes) -> None:
         self._task.write(addr, data)
 
+    def pin_pages(self, addr: int, length: int, write: bool) -> None:
+        self._task.pin_pages(addr, length, write)
+
     def fget(self, fd: int) -> File | ForeignFile:
         return self._task.fget(fd)
 

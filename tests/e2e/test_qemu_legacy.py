@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import fakedev_run
+from tests.cli.conftest import unprivileged_python
+from tests.e2e.conftest import FIXTURES, fakedev_run
 
 QEMU = shutil.which("qemu-system-x86_64")
 
@@ -152,21 +157,67 @@ class Run:
         return [line for line in self.qemu_stderr.splitlines() if line.startswith(prefix)]
 
 
+@dataclass
+class AsUser:
+    """Run ``fakedev run`` as ``name`` (rootless) with this interpreter and path."""
+
+    name: str
+    python: str
+    pythonpath: str
+
+
 def run_qemu(
-    tmp_path: Path, bdfs: list[str], holder: list[str] | None = None, stat_mode: bool = False
+    tmp_path: Path,
+    bdfs: list[str],
+    holder: list[str] | None = None,
+    stat_mode: bool = False,
+    user: AsUser | None = None,
 ) -> Run:
     driver = tmp_path / "qmp_driver.py"
     driver.write_text(DRIVER)
     trace = tmp_path / "trace.jsonl"
     stderr = tmp_path / "qemu.stderr"
     cfg = {"qemu": QEMU, "bdfs": bdfs, "holder": holder, "stderr": str(stderr)}
-    tmp_path.chmod(0o755)
-    r = fakedev_run(
-        "dual-function-nic",
-        [sys.executable, str(driver), json.dumps(cfg)],
-        extra=["--supervise", "--trace", str(trace), *(["--stat-mode"] if stat_mode else [])],
-        timeout=180,
-    )
+    extra = ["--supervise", "--trace", str(trace), *(["--stat-mode"] if stat_mode else [])]
+    if user is None:
+        tmp_path.chmod(0o755)
+        r = fakedev_run(
+            "dual-function-nic",
+            [sys.executable, str(driver), json.dumps(cfg)],
+            extra=extra,
+            timeout=180,
+        )
+    else:
+        tmp_path.chmod(0o777)
+        driver.chmod(0o644)
+        tree = tmp_path / "tree.toml"
+        shutil.copy(FIXTURES / "dual-function-nic.toml", tree)
+        tree.chmod(0o644)
+        r = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                user.name,
+                "--",
+                "env",
+                f"PYTHONPATH={user.pythonpath}",
+                user.python,
+                "-m",
+                "fakedev.cli.main",
+                "run",
+                "--tree",
+                str(tree),
+                *extra,
+                "--",
+                user.python,
+                str(driver),
+                json.dumps(cfg),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd="/",
+        )
     qemu_stderr = stderr.read_text() if stderr.exists() else ""
     assert r.returncode == 0, r.stdout + r.stderr + qemu_stderr
     out = json.loads(r.stdout.splitlines()[-1])
@@ -282,3 +333,28 @@ def test_sibling_held_by_another_process_blocks_the_reset(
     assert not run.calls("VFIO_DEVICE_PCI_HOT_RESET")
     assert run.hot_resets_during_system_reset() == []
     assert not any(r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET" for r in run.out["after"]["reset_log"])
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory the unprivileged user can reach (pytest's tmp_path is root's)."""
+    d = Path(tempfile.mkdtemp(prefix="fakedev-qemu-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_rootless_run_realizes_and_resets_both_functions(
+    shared_tmp: Path,
+    unprivileged_user: str,
+    user_pythonpath: str,
+    userns_allowed: None,
+    dev_fuse_usable_by_all: None,
+) -> None:
+    exe = unprivileged_python(unprivileged_user)
+    if exe is None:
+        pytest.fail(f"no Python {sys.version_info[:2]} runnable by {unprivileged_user}")
+    run = run_qemu(shared_tmp, [F0, F1], user=AsUser(unprivileged_user, exe, user_pythonpath))
+    devices = run.pci_devices()
+    assert (*NIC, "hostdev0") in devices and (*NIC, "hostdev1") in devices, run
+    assert len(run.qemu_fds_on("/.fakedev/devfd")) == 2, run.out["qemu_fds"]
+    assert sorted(run.hot_resets_during_system_reset()) == [F0, F1], run
