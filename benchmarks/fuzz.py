@@ -38,7 +38,7 @@ async def main(calls: int, procs: int, seed: int) -> int:
             out: dict[str, list[dict[str, object]]] = {}
 
             async def run(mode: str, ss: list[int]) -> None:
-                out[mode] = await H.run_clients(client, mnt, mode, ss, per, timeout=7200)
+                out[mode] = await H.run_clients(client, mnt, mode, ss, per, timeout=7200, max_argsz=None)
 
             n.start_soon(run, "fuzz", seeds[n_deep:])
             n.start_soon(run, "deep", seeds[:n_deep])

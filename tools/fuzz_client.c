@@ -4,7 +4,11 @@
  *        fuzz_client MOUNT deep SEED NCALLS   mostly valid bind/attach/reset sequences
  *        fuzz_client MOUNT race SEED MILLIS   open/bind/attach/hot reset/close loop on
  *                                             vfio/devices/vfio0 and vfio1 (one dev_set)
+ *        fuzz_client MOUNT argsz SEED N       N times: IOMMU_IOAS_ALLOC and BIND_IOMMUFD with
+ *                                             argsz 0xffffffff, the struct at the end of the
+ *                                             mapping (the kernel: EFAULT, nothing allocated)
  *
+ * An optional fifth argument caps the random argsz values (default: none).
  * The calls made depend only on SEED and on the answers received. A line "go" is
  * printed (and flushed) once the first node is open; at the end a summary:
  *   calls N / ms N / errno E COUNT (E = 0: success)   (fuzz, deep)
@@ -144,7 +148,8 @@ static uint32_t field(void) {
     default: return (uint32_t)rnd();
     }
 }
-static uint32_t argsz(void) {
+static uint32_t max_argsz = 0xffffffffu;
+static uint32_t argsz_raw(void) {
     static const uint32_t common[] = {0, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64, 128, 4096};
     switch (below(6)) {
     case 0: return (uint32_t)rnd();
@@ -152,6 +157,10 @@ static uint32_t argsz(void) {
     case 2: return 0xffffffffu - below(8);
     default: return common[below(sizeof common / sizeof common[0])];
     }
+}
+static uint32_t argsz(void) {
+    uint32_t a = argsz_raw();
+    return a > max_argsz ? a % (max_argsz + 1) : a;
 }
 static unsigned long fuzz_cmd(void) {
     uint32_t c = below(100);
@@ -359,6 +368,7 @@ int main(int argc, char **argv) {
     const char *mode = argv[2];
     rng = strtoull(argv[3], NULL, 0) * 0x9E3779B97F4A7C15ULL + 1;
     long n = strtol(argv[4], NULL, 0);
+    if (argc > 5) max_argsz = (uint32_t)strtoul(argv[5], NULL, 0);
     setvbuf(stdout, NULL, _IOFBF, 1 << 16);
     edge = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     buf = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -369,6 +379,22 @@ int main(int argc, char **argv) {
     scan("vfio/devices", 1);
     if (nnodes <= 2) { fprintf(stderr, "no nodes under %s\n", mnt); return 2; }
     if (!strcmp(mode, "race")) return race(n);
+    if (!strcmp(mode, "argsz")) {
+        int in = find_node("iommu"), dn = find_node("vfio/devices/vfio0");
+        int i = in >= 0 ? open_node(in) : -1, d = dn >= 0 ? open_node(dn) : -1;
+        if (i < 0 || d < 0) return 2;
+        for (long k = 0; k < n; k++) {
+            uint32_t a[3] = {0xffffffffu, 0, 0};
+            memcpy(edge + PAGE - sizeof a, a, sizeof a);
+            int r = ioctl(i, IOMMU_IOAS_ALLOC, edge + PAGE - sizeof a);
+            printf("ioas_alloc %d\n", r < 0 ? errno : 0);
+            uint32_t b[4] = {0xffffffffu, 0, (uint32_t)i, 0};
+            memcpy(edge + PAGE - sizeof b, b, sizeof b);
+            r = ioctl(d, VFIO_DEVICE_BIND_IOMMUFD, edge + PAGE - sizeof b);
+            printf("bind %d\n", r < 0 ? errno : 0);
+        }
+        return 0;
+    }
     int deep = !strcmp(mode, "deep");
     if (!deep && strcmp(mode, "fuzz")) return 2;
     long t0 = now_ms();

@@ -182,10 +182,17 @@ def parse_summary(text: str) -> dict[str, Any]:
     return out
 
 
-async def run_client(client: str, mnt: Path, mode: str, seed: int, n: int, timeout: float = 120
-                     ) -> dict[str, Any]:
+#: argsz cap of the suite's fuzz runs: a 4 GiB argsz makes the model allocate the
+#: whole tail (see tests/robustness/test_argsz.py), seconds per call; the
+#: benchmarks run uncapped.
+SUITE_MAX_ARGSZ = 1 << 16
+
+
+async def run_client(client: str, mnt: Path, mode: str, seed: int, n: int, timeout: float = 120,
+                     max_argsz: int | None = SUITE_MAX_ARGSZ) -> dict[str, Any]:
+    cap = [] if max_argsz is None else [str(max_argsz)]
     with trio.fail_after(timeout):
-        r = await trio.run_process([client, str(mnt), mode, str(seed), str(n)], capture_stdout=True,
+        r = await trio.run_process([client, str(mnt), mode, str(seed), str(n), *cap], capture_stdout=True,
                                    capture_stderr=True, check=False)
     if r.returncode != 0:
         raise AssertionError(f"{mode} seed {seed}: exit {r.returncode}: {r.stderr.decode()[-2000:]}")
@@ -193,11 +200,11 @@ async def run_client(client: str, mnt: Path, mode: str, seed: int, n: int, timeo
 
 
 async def run_clients(client: str, mnt: Path, mode: str, seeds: Sequence[int], n: int,
-                      timeout: float = 300) -> list[dict[str, Any]]:
+                      timeout: float = 300, max_argsz: int | None = SUITE_MAX_ARGSZ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = [{} for _ in seeds]
 
     async def one(i: int, seed: int) -> None:
-        results[i] = await run_client(client, mnt, mode, seed, n, timeout)
+        results[i] = await run_client(client, mnt, mode, seed, n, timeout, max_argsz)
 
     async with trio.open_nursery() as nursery:
         for i, s in enumerate(seeds):
@@ -217,7 +224,7 @@ async def readline(stream: trio.abc.ReceiveStream) -> bytes:
 
 async def kill_one(client: str, mnt: Path, mode: str, seed: int, delay: float) -> int:
     """Start a client, wait for it to be under way plus ``delay`` s, SIGKILL it; its status."""
-    p = await trio.lowlevel.open_process([client, str(mnt), mode, str(seed), "100000000"],
+    p = await trio.lowlevel.open_process([client, str(mnt), mode, str(seed), "100000000", str(SUITE_MAX_ARGSZ)],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert p.stdout is not None

@@ -80,7 +80,8 @@ async def test_kill_while_the_server_holds_the_call(mnt: Path, fuzz_client: str,
             procs = []
             for i in range(4):
                 p = await trio.lowlevel.open_process(
-                    [fuzz_client, str(mnt), ("race", "deep")[i % 2], str(100 * round_ + i), "100000000"],
+                    [fuzz_client, str(mnt), ("race", "deep")[i % 2], str(100 * round_ + i), "100000000",
+                     str(H.SUITE_MAX_ARGSZ)],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                 procs.append(p)
             try:
