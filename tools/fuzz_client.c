@@ -9,6 +9,8 @@
  *                                             mapping (the kernel: EFAULT, nothing allocated)
  *
  * An optional fifth argument caps the random argsz values (default: none).
+ * With a SEED divisible by 3, fuzz and deep also run a 300 us SIGALRM timer with
+ * an empty handler, so calls are interrupted (FUSE_INTERRUPT) mid-flight.
  * The calls made depend only on SEED and on the answers received. A line "go" is
  * printed (and flushed) once the first node is open; at the end a summary:
  *   calls N / ms N / errno E COUNT (E = 0: success)   (fuzz, deep)
@@ -25,7 +27,10 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -303,8 +308,15 @@ static void step(int deep) {
     if (c < 900) { remember(eventfd(0, EFD_CLOEXEC), K_EVENTFD, -1); return; }
     if (c < 915) { int p[2]; if (!pipe2(p, O_CLOEXEC)) { remember(p[0], K_PIPE, -1); close(p[1]); } return; }
     if (c < 925) { remember(open("/dev/null", O_RDWR | O_CLOEXEC), K_NULL, -1); return; }
+    if (c < 945 && nfds) { /* poll, sometimes waiting a little (FUSE_POLL with a wakeup) */
+        struct pollfd p = {fds[below(nfds)].fd, POLLIN | POLLOUT | POLLPRI, 0};
+        count(poll(&p, 1, (int)below(3)));
+        return;
+    }
     fuzz_ioctl();
 }
+
+static void on_alarm(int sig) { (void)sig; }
 
 static long now_ms(void) {
     struct timespec t;
@@ -397,6 +409,14 @@ int main(int argc, char **argv) {
     }
     int deep = !strcmp(mode, "deep");
     if (!deep && strcmp(mode, "fuzz")) return 2;
+    if (strtoull(argv[3], NULL, 0) % 3 == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_alarm; /* no SA_RESTART: interrupted calls may give EINTR */
+        sigaction(SIGALRM, &sa, NULL);
+        struct itimerval it = {{0, 300}, {0, 300}};
+        setitimer(ITIMER_REAL, &it, NULL);
+    }
     long t0 = now_ms();
     remember(open_node((int)below(nnodes)), K_NODE, -1);
     printf("go\n");

@@ -62,11 +62,12 @@ async def test_fuzz_large_run(mnt: Path, fuzz_client: str, kclient: str) -> None
     async with H.served(mnt) as (k, srv):
         base = len(os.listdir("/proc/self/fd"))
         res = await H.run_clients(fuzz_client, mnt, "fuzz", [101, 102], 8000)
-        res += await H.run_clients(fuzz_client, mnt, "deep", [103, 104], 2500)
+        res += await H.run_clients(fuzz_client, mnt, "deep", [105, 104], 2500)  # 105, 102: with SIGALRM
         assert sum(r["calls"] for r in res) >= 20_000
         inv, lk = await H.settle(k, srv)
         assert (inv, lk, srv.unexpected_errors) == ([], [], 0)
         assert len(os.listdir("/proc/self/fd")) == base  # no pidfd, fd copy or eventfd kept
+        assert not srv._pollers  # no poll registration outlives its open
         out = await H.fresh_client_works(kclient, mnt)
         assert out[-1] == "reset 0", out
 
