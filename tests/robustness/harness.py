@@ -65,9 +65,10 @@ def make_kernel(tree: str = "dual-function-nic") -> Kernel:
 
 @dataclass
 class ResetWatch:
-    """Checks, at the moment the model records a hot reset, that every member of
-    the reset device's dev_set is bound to one iommufd context (the caller's) and
-    opened through the cdev. Installed over ``kernel.vfio.record_reset``."""
+    """Checks, at the moment the model records a hot reset, that the dev_set is
+    owned by one iommufd context (the caller's: its own device is a bound member):
+    every member bound to it, or unbound in an iommu group it owns. Installed
+    over ``kernel.vfio.record_reset``; counts one record per function reset."""
 
     kernel: Kernel
     hot_resets: int = 0
@@ -238,7 +239,8 @@ async def kill_one(client: str, mnt: Path, mode: str, seed: int, delay: float) -
             p.kill()
             with trio.move_on_after(30):
                 await p.wait()
-        await p.stdout.aclose() if p.stdout is not None else None
+        if p.stdout is not None:
+            await p.stdout.aclose()
 
 
 async def fresh_client_works(kclient: str, mnt: Path) -> list[str]:
