@@ -28,9 +28,6 @@ def hwm_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.xfail(strict=True, reason="copy_struct_from_user in fakedev/kernel/vfio/device_cdev.py "
-                   "reads the whole argsz tail at once (iommufd's copy walks it in 64 KiB "
-                   "chunks): read_memory allocates argsz bytes, 4 GiB and seconds per call")
 async def test_huge_argsz_is_efault_in_bounded_memory(mnt: Path, fuzz_client: str) -> None:
     daemon = await start_daemon(mnt)
     try:

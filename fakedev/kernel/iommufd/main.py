@@ -20,6 +20,7 @@ from attrs import define, frozen
 from fakedev.kernel.errors import ENOIOCTLCMD, KernelError
 from fakedev.kernel.file import File
 from fakedev.kernel.task import Task
+from fakedev.kernel.uaccess import copy_struct_from_user
 from fakedev.kernel.version import NEWEST, KernelVersion
 from fakedev.uapi import consts as C
 from fakedev.uapi import ioctls as I
@@ -333,19 +334,6 @@ def _last_nr(kver: KernelVersion) -> int:
     if kver.has_dirty_tracking:
         return 0x8C
     return 0x8A
-
-
-def copy_struct_from_user(task: Task, ksize: int, addr: int, usize: int) -> bytes:
-    """Models copy_struct_from_user(): E2BIG for non-zero bytes past ``ksize``."""
-    if usize > ksize:
-        off, end = addr + ksize, addr + usize
-        while off < end:
-            n = min(end - off, 1 << 16)
-            if any(task.read(off, n)):
-                raise KernelError(errno.E2BIG, "non-zero bytes past the kernel's struct")
-            off += n
-    data = task.read(addr, min(usize, ksize))
-    return data + bytes(ksize - len(data))
 
 
 def iommufd_fops_ioctl(ictx: IommufdCtx, task: Task, cmd: int, arg: int) -> int:

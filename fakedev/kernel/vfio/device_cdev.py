@@ -11,6 +11,7 @@ import errno
 from fakedev.kernel.errors import KernelError
 from fakedev.kernel.file import File
 from fakedev.kernel.task import Task
+from fakedev.kernel.uaccess import copy_struct_from_user
 from fakedev.uapi import consts as C
 from fakedev.uapi import structs as S
 
@@ -79,16 +80,6 @@ def vfio_df_ioctl_bind_iommufd(df: VfioDeviceFile, task: Task, arg: int) -> int:
     device.cdev_opened = True
     df.access_granted = True
     return 0
-
-
-def copy_struct_from_user(task: Task, ksize: int, addr: int, usize: int) -> bytes:
-    """Models copy_struct_from_user(): a longer user struct must have a zero tail (E2BIG)."""
-    if usize > ksize:
-        tail = task.read(addr + ksize, usize - ksize)
-        if any(tail):
-            raise KernelError(errno.E2BIG)
-        return task.read(addr, ksize)
-    return task.read(addr, usize) + bytes(ksize - usize)
 
 
 def vfio_df_check_token(device: VfioDevice, bind: dict[str, int], task: Task) -> None:
