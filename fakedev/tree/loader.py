@@ -14,6 +14,7 @@ any error is refused whole: ``TreeError`` names the file, line and field.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import re
 import tomllib
@@ -85,6 +86,13 @@ _DRIVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PINS = {"none": 0, "A": 1, "B": 2, "C": 3, "D": 4}
 
 TOP_KEYS = {"kernel", "description", "root_buses", "function", "fault"}
+
+# [[fault]] kinds and the kernel hook each sets (fakedev.kernel.vfio.vfio_main.KernelHooks)
+FAULT_KINDS = {
+    "memory-lock-busy",  # hot reset of a dev_set holding this function: EBUSY, nothing reset
+    "device-lock-busy",  # VFIO_DEVICE_RESET and the reset at open: EAGAIN
+    "reset-fails",  # the reset itself fails with ``errno``, after the ownership checks
+}
 FUNC_KEYS = {
     "bdf", "kind", "vendor", "device", "subsystem_vendor", "subsystem_device", "class",
     "revision", "interrupt_pin", "irq", "bars", "rom_size", "capabilities", "config_size",
@@ -125,7 +133,16 @@ class DeviceTree:
         """
         from fakedev.kernel.kernel import Kernel
 
-        return Kernel(self.topology, version=self.version)
+        kernel = Kernel(self.topology, version=self.version)
+        hooks = kernel.hooks
+        for f in self.faults:
+            if f["kind"] == "memory-lock-busy":
+                hooks.memory_lock_contended.add(f["device"])
+            elif f["kind"] == "device-lock-busy":
+                hooks.device_lock_contended.add(f["device"])
+            elif f["kind"] == "reset-fails":
+                hooks.reset_errno[f["device"]] = f["errno"]
+        return kernel
 
 
 def default_tree_path() -> Path:
@@ -316,20 +333,40 @@ class _Loader:
         return sorted(out)
 
     def parse_faults(self, doc: Mapping[str, Any], names: set[str]) -> tuple[dict[str, Any], ...]:
+        """``[[fault]]`` tables: ``kind`` (FAULT_KINDS), ``device`` and, for
+        reset-fails, ``errno`` (a name like "EIO"). Normalised to
+        ``{"kind", "device", "errno"}`` with the device as a canonical BDF."""
         raw = doc.get("fault", [])
         if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
             self.fail(("fault",), "must be an array of tables ([[fault]])")
+        out: list[dict[str, Any]] = []
         for i, t in enumerate(raw):
+            w: tuple[PathElem, ...] = ("fault", i)
+            unknown = sorted(set(t) - {"kind", "device", "errno"})
+            if unknown:
+                self.fail((*w, unknown[0]), "unknown key (expected kind, device, errno)")
+            kind = t.get("kind")
+            if kind not in FAULT_KINDS:
+                self.fail((*w, "kind"), f"must be one of {', '.join(sorted(FAULT_KINDS))}, not {kind!r}")
             dev = t.get("device")
-            if dev is not None:
-                if not isinstance(dev, str) or not _BDF.match(dev):
-                    self.fail(("fault", i, "device"), f"must be a function address, not {dev!r}")
-                m = _BDF.match(dev)
-                assert m is not None
-                name = _bdf_from_match(m)
-                if name not in names:
-                    self.fail(("fault", i, "device"), f"no function {name} in this tree")
-        return tuple(raw)
+            if not isinstance(dev, str) or not _BDF.match(dev):
+                self.fail((*w, "device"), f"must be a function address, not {dev!r}")
+            m = _BDF.match(dev)
+            assert m is not None
+            name = _bdf_from_match(m)
+            if name not in names:
+                self.fail((*w, "device"), f"no function {name} in this tree")
+            entry: dict[str, Any] = {"kind": kind, "device": name}
+            if kind == "reset-fails":
+                err = t.get("errno", "EIO")
+                code = getattr(errno, err, None) if isinstance(err, str) and err.startswith("E") else None
+                if not isinstance(code, int):
+                    self.fail((*w, "errno"), f"must be an errno name like \"EIO\", not {err!r}")
+                entry["errno"] = code
+            elif "errno" in t:
+                self.fail((*w, "errno"), "only reset-fails takes an errno")
+            out.append(entry)
+        return tuple(out)
 
     # -- one function ----------------------------------------------------------
     def parse_function(self, i: int, t: dict[str, Any]) -> _Fn:

@@ -181,10 +181,29 @@ CASES: list[tuple[str, tuple[str, str], str, str]] = [
         "fault-device",
         (
             '[[function]]\nbdf = "0000:00:1c.0"',
-            '[[fault]]\ndevice = "0000:09:00.0" #<\n\n[[function]]\nbdf = "0000:00:1c.0"',
+            '[[fault]]\nkind = "memory-lock-busy"\ndevice = "0000:09:00.0" #<\n\n[[function]]\nbdf = "0000:00:1c.0"',
         ),
         "device",
         "no function",
+    ),
+    (
+        "fault-kind",
+        (
+            '[[function]]\nbdf = "0000:00:1c.0"',
+            '[[fault]]\nkind = "explode" #<\ndevice = "0000:01:00.0"\n\n[[function]]\nbdf = "0000:00:1c.0"',
+        ),
+        "kind",
+        "must be one of",
+    ),
+    (
+        "fault-errno",
+        (
+            '[[function]]\nbdf = "0000:00:1c.0"',
+            '[[fault]]\nkind = "reset-fails"\ndevice = "0000:01:00.0"\nerrno = "EWHATEVER" #<\n\n'
+            '[[function]]\nbdf = "0000:00:1c.0"',
+        ),
+        "errno",
+        "errno name",
     ),
     (
         "secondary-is-own-bus",
