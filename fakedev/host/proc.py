@@ -235,7 +235,7 @@ def _pidfd_open(tid: int, tgid: Callable[[], int]) -> int:
     return int(pidfd)
 
 
-def _pidfd_getfd(tid: int, fd: int, tgid: Callable[[], int]) -> int:
+def pidfd_getfd(tid: int, fd: int, tgid: Callable[[], int]) -> int:
     pidfd = _pidfd_open(tid, tgid)
     try:
         copy = _syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0))
@@ -321,7 +321,7 @@ class ProcessTask:
             except KernelError:
                 raise KernelError(errno.EBADF) from None
 
-        copy = _pidfd_getfd(self.tid, fd, tgid)
+        copy = pidfd_getfd(self.tid, fd, tgid)
         try:
             ours = self.ctx.mount_dev is not None and fd_dev(copy) == self.ctx.mount_dev
             if ours:

@@ -45,7 +45,7 @@ from typing import Protocol
 
 import trio
 
-from fakedev.host.proc import ProcessTask, _pidfd_getfd, fd_dev, identify
+from fakedev.host.proc import ProcessTask, fd_dev, identify, pidfd_getfd
 from fakedev.host.server import DEVFD_PATH, Server
 from fakedev.host.supervisor import (
     Call,
@@ -157,7 +157,7 @@ class DeviceFdHandler:
             return None
         task = ProcessTask(tid, self.server.ctx, False)
         try:
-            copy = _pidfd_getfd(tid, fd, lambda: task.pid)
+            copy = pidfd_getfd(tid, fd, lambda: task.pid)
         except KernelError:
             return None  # no such fd, or the caller is gone: the kernel answers
         try:

@@ -14,6 +14,19 @@ from pathlib import Path
 
 import pytest
 
+
+def relevant_mounts() -> list[str]:
+    """The host's mounts a run could disturb: /, /dev/..., /sys/..., and any
+    staging directory of ours. (Other suites may mount elsewhere meanwhile.)"""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point == "/sys/fs/fuse/connections":
+            continue  # fusectl: other suites' FUSE tests may mount it on the host
+        if point == "/" or point.startswith(("/dev", "/sys", "/tmp/fakedev-")):
+            out.append(line)
+    return out
+
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `tests.` imports work from any directory
     sys.path.insert(0, str(REPO))

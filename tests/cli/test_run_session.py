@@ -9,11 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import REPO, python_env, unprivileged_python
+from tests.cli.conftest import REPO, python_env, relevant_mounts, unprivileged_python
 
 STANDIN = str(REPO / "tests" / "cli" / "standin_run.py")
 
@@ -29,19 +28,6 @@ def standin(mode: str, script: str, **kw: object) -> subprocess.CompletedProcess
         timeout=60,
         **kw,  # type: ignore[arg-type]
     )
-
-
-def relevant_mounts() -> list[str]:
-    """The host's mounts a run could disturb: /, /dev/..., /sys/..., and any
-    staging directory of ours. (Other suites may mount elsewhere meanwhile.)"""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4]
-        if point == "/sys/fs/fuse/connections":
-            continue  # fusectl: other suites' FUSE tests may mount it on the host
-        if point == "/" or point.startswith(("/dev", "/sys", "/tmp/fakedev-")):
-            out.append(line)
-    return out
 
 
 def host_view() -> tuple[list[str], list[str], list[str], bool]:

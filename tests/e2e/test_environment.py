@@ -14,23 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import unprivileged_python
+from tests.cli.conftest import relevant_mounts, unprivileged_python
 from tests.e2e.conftest import FIXTURES, fakedev_cmd, fakedev_env, fakedev_run
 
 pytestmark = pytest.mark.needs_root
-
-
-def relevant_mounts() -> list[str]:
-    """The host's mounts a run could disturb: /, /dev/..., /sys/..., and any
-    staging directory of ours. (Other suites may mount elsewhere meanwhile.)"""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4]
-        if point == "/sys/fs/fuse/connections":
-            continue  # fusectl: other suites' FUSE tests may mount it on the host
-        if point == "/" or point.startswith(("/dev", "/sys", "/tmp/fakedev-")):
-            out.append(line)
-    return out
 
 
 def host_view() -> tuple[list[str], list[str], list[str], list[str], bool]:
