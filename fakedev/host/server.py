@@ -6,7 +6,10 @@ as S_IFCHR would be opened through a real char driver), then answer
 OPEN/IOCTL/READ/WRITE/POLL/RELEASE by calling the model's ``File`` with a
 ``ProcessTask`` for the calling thread. A small control area lives at
 ``.fakedev/`` in the mount: ``state.json`` (read: ``kernel.describe()``) and
-``trace`` (write ``on``/``off``; read the current setting), and ``devfd``
+``trace`` (write ``on``/``off``; read the current setting), ``control``
+(write one command, e.g. ``fault call=VFIO_DEVICE_RESET,nth=1,errno=EIO``,
+``unplug BDF``, ``clear``; read the last command's reply; see
+fakedev.host.control), and ``devfd``
 (for the supervisor: each open is an fh with no model file yet, which
 ``bind_fh`` later makes an open of a model ``File``; an fh never bound is
 simply dropped at release).
@@ -19,6 +22,11 @@ issue on our own mount. Everything else runs inline on the loop when the lock
 is free (the fast path), or as its own task waiting for the lock when not.
 A ``KernelError`` becomes its errno; any other exception from the model
 becomes EIO and a logged traceback, and serving goes on.
+
+Fault injection: every open/read/write/ioctl goes through the model's
+``FaultPlan`` (``kernel.faults``, fakedev.kernel.fault_inject) when it is
+armed; unarmed, the cost is one attribute check. An unplug a rule asks for
+runs right after the call that triggered it, under the model lock.
 """
 
 from __future__ import annotations
@@ -36,9 +44,11 @@ import trio
 from fakedev.fuse import mount as M
 from fakedev.fuse import protocol as P
 from fakedev.fuse.session import Deferred, Session
+from fakedev.host import control as C
 from fakedev.host.proc import IDENTITY_IOCTL, HostContext, NeedsWorker, ProcessTask
 from fakedev.host.trace import Tracer
 from fakedev.kernel.errors import KernelError
+from fakedev.kernel.fault_inject import FaultPlan
 from fakedev.kernel.file import DevNode, File
 from fakedev.kernel.task import Task
 from fakedev.uapi import ioctls
@@ -111,6 +121,11 @@ class Server:
         self._nodes: dict[int, _Node] = {}
         self._devnodes: dict[int, DevNode] = {}
         self._next_fh = 1
+        plan = getattr(kernel, "faults", None)
+        #: the model's fault plan (a private, empty one for a model without)
+        self.faults: FaultPlan = plan if isinstance(plan, FaultPlan) else FaultPlan()
+        #: what a read of .fakedev/control gives: the reply of the last command
+        self.control_reply = b""
         self._takes_fds = frozenset((k, io.cmd) for io in ioctls.IOCTLS if io.takes_fds for k in io.kinds)
         self._handlers: dict[int, Callable[[Any], bytes | Deferred | None]] = {
             P.Op.LOOKUP: self._h_lookup,
@@ -252,6 +267,7 @@ class Server:
         d, _ = dirs(f"{CONTROL_DIR}/x")
         add(d, "state.json", mode=P.S_IFREG | 0o444, control="state")
         add(d, "trace", mode=P.S_IFREG | 0o644, control="trace")
+        add(d, C.CONTROL_NAME, mode=P.S_IFREG | 0o600, uid=os.geteuid(), gid=os.getegid(), control="control")
         # opened by this process only (the supervisor): owned by whoever serves,
         # the caller's own uid in a rootless run
         add(d, "devfd", mode=P.S_IFREG | 0o600, uid=os.geteuid(), gid=os.getegid(), control="devfd")
@@ -387,10 +403,24 @@ class Server:
         assert devpath is not None
 
         def fn(task: ProcessTask) -> bytes:
-            f = self.kernel.open(devpath, task)
+            faults = self.faults
+            try:
+                if not faults.armed:
+                    f = self.kernel.open(devpath, task)
+                else:
+                    try:
+                        f = faults.open(self.kernel.open, devpath, task)
+                    finally:
+                        self._faults_done()
+            except KernelError as e:
+                if self.tracer.enabled:
+                    self.tracer.open(task, devpath, None, None, e.errno)
+                raise
             fh = self._new_fh()
             self._files[fh] = f
             self._paths[fh] = devpath
+            if self.tracer.enabled:
+                self.tracer.open(task, devpath, fh, f, None)
             return P.reply_open(req.unique, fh, OPEN_FLAGS)
 
         return self._model(req, fn)
@@ -408,7 +438,7 @@ class Server:
         if n.control == "devfd":
             self._unbound.add(fh)
             return P.reply_open(req.unique, fh, OPEN_FLAGS)
-        self._controls[fh] = _Control(n, b"")
+        self._controls[fh] = _Control(n, self.control_reply if n.control == "control" else b"")
         return P.reply_open(req.unique, fh, P.FOPEN_DIRECT_IO)
 
     def _h_release(self, req: P.ReleaseRequest) -> bytes | Deferred:
@@ -423,6 +453,8 @@ class Server:
             self._pollers.pop(fh, None)
             self.releases += 1
             f.release()
+            if self.tracer.enabled:
+                self.tracer.release(task, fh, f)
             self._poke_pollers()
             return P.reply_empty(req.unique)
 
@@ -431,7 +463,7 @@ class Server:
     def _h_read(self, req: P.ReadRequest) -> bytes | Deferred:
         c = self._controls.get(req.fh)
         if c is not None:
-            data = c.data if c.node.control == "state" else (b"on\n" if self.tracer.enabled else b"off\n")
+            data = (b"on\n" if self.tracer.enabled else b"off\n") if c.node.control == "trace" else c.data
             return P.reply_data(req.unique, data[req.offset:req.offset + req.size])
         f = self._files.get(req.fh)
         if f is None:
@@ -439,14 +471,19 @@ class Server:
         offset, size = req.offset, req.size
 
         def fn(task: ProcessTask) -> bytes:
+            faults = self.faults
+            if faults.armed:
+                return self._read_faulted(req, f, task, offset, size)
             if not self.tracer.enabled:
                 return P.reply_data(req.unique, f.read(task, offset, size)[:size])
+            fh = req.fh
+            fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0]  # may move us to a worker
             try:
                 data = f.read(task, offset, size)[:size]
             except KernelError as e:
-                self.tracer.rw(task, f, "read", offset, size, None, e.errno)
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd)
                 raise
-            self.tracer.rw(task, f, "read", offset, size, len(data), None)
+            self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
             return P.reply_data(req.unique, data)
 
         return self._model(req, fn)
@@ -454,6 +491,8 @@ class Server:
     def _h_write(self, req: P.WriteRequest) -> bytes | Deferred:
         c = self._controls.get(req.fh)
         if c is not None:
+            if c.node.control == "control":
+                return self._write_control(req, c)
             if c.node.control != "trace":
                 return P.reply_error(req.unique, errno.EBADF)
             word = req.data.strip().decode(errors="replace")
@@ -467,14 +506,23 @@ class Server:
         offset, data = req.offset, req.data
 
         def fn(task: ProcessTask) -> bytes:
+            faults = self.faults
+            fh = req.fh
+            fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0] if self.tracer.enabled else None
             try:
-                n = f.write(task, offset, data)
+                if not faults.armed:
+                    n = f.write(task, offset, data)
+                else:
+                    try:
+                        n = faults.write(f, task, offset, data)
+                    finally:
+                        self._faults_done()
             except KernelError as e:
                 if self.tracer.enabled:
-                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno)
+                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno, fh=fh, fd=fd)
                 raise
             if self.tracer.enabled:
-                self.tracer.rw(task, f, "write", offset, len(data), n, None)
+                self.tracer.rw(task, f, "write", offset, len(data), n, None, fh=fh, fd=fd)
             self._poke_pollers()
             return P.reply_write(req.unique, n)
 
@@ -506,6 +554,10 @@ class Server:
         arg = req.arg
         unique = req.unique
         tracer = self.tracer
+        faults = self.faults
+        if faults.armed:
+            # counted once: never started on the loop and retried in a worker
+            worker = True
         if not worker and not tracer.enabled and not self.lock.locked():
             # the fast path: inline, no closure, no trace
             try:
@@ -524,13 +576,21 @@ class Server:
                 return P.reply_ioctl(unique, res)
             worker = True
 
+        def call(task: ProcessTask) -> int:
+            if not faults.armed:
+                return f.ioctl(task, cmd, arg)
+            try:
+                return faults.ioctl(f, task, cmd, arg)
+            finally:
+                self._faults_done()
+
         def fn(task: ProcessTask) -> bytes:
             if not tracer.enabled:
-                res = f.ioctl(task, cmd, arg)
+                res = call(task)
             else:
-                before = tracer.ioctl_before(task, f, cmd, arg)
+                before = tracer.ioctl_before(task, f, cmd, arg, req.fh, self._paths.get(req.fh))
                 try:
-                    res = f.ioctl(task, cmd, arg)
+                    res = call(task)
                 except KernelError as e:
                     tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, None, e.errno)
                     raise
@@ -541,6 +601,73 @@ class Server:
 
         return self._model(req, fn, worker)
 
+    # -- fault injection and the control file ----------------------------------------
+    def _read_faulted(self, req: P.ReadRequest, f: File, task: ProcessTask, offset: int, size: int) -> bytes:
+        fh = req.fh
+        fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0] if self.tracer.enabled else None
+        try:
+            try:
+                data = self.faults.read(f, task, offset, size)[:size]
+            finally:
+                self._faults_done()
+        except KernelError as e:
+            if self.tracer.enabled:
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd)
+            raise
+        if self.tracer.enabled:
+            self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
+        return P.reply_data(req.unique, data)
+
+    def _faults_done(self) -> None:
+        """After a call through the fault plan: run the unplugs it made due.
+
+        Runs with the model lock held; from a worker thread, the unplug itself
+        runs on the loop's thread (the worker waits), as every node change does.
+        """
+        due = self.faults.take_unplugs()
+        if not due:
+            return
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            trio.from_thread.run_sync(self._unplug_due, due)
+        else:
+            self._unplug_due(due)
+
+    def _unplug_due(self, due: list[str]) -> None:
+        unplug = getattr(self, "unplug", None)
+        for bdf in due:
+            if unplug is None:
+                log.warning("fault: cannot unplug %s: this server has no unplug", bdf)
+                continue
+            try:
+                unplug(bdf)
+            except KernelError as e:
+                log.warning("fault: unplug of %s failed: %s", bdf, e)
+            except Exception:
+                self.unexpected_errors += 1
+                log.exception("fault: unplug of %s", bdf)
+        self._poke_pollers()
+
+    def _write_control(self, req: P.WriteRequest, c: _Control) -> bytes | Deferred:
+        """A command written to .fakedev/control, run under the model lock."""
+        text = bytes(req.data)
+
+        def fn(task: ProcessTask) -> bytes:
+            try:
+                reply = C.run_command(self, text).encode()
+            except C.ControlError as e:
+                self.control_reply = c.data = f"error: {e}\n".encode()
+                raise KernelError(errno.EINVAL, str(e)) from e
+            except KernelError as e:
+                self.control_reply = c.data = f"error: {e}\n".encode()
+                raise
+            self.control_reply = c.data = reply
+            self._poke_pollers()
+            return P.reply_write(req.unique, len(text))
+
+        return self._model(req, fn)
+
     def _identity(self, req: P.IoctlRequest) -> bytes:
         """Which open is this? Answered only to our own threads (fget's worker)."""
         if req.fh not in self._files and req.fh not in self._controls and req.fh not in self._unbound:
@@ -548,4 +675,3 @@ class Server:
         if req.pid not in self._worker_tids and not os.path.exists(f"/proc/self/task/{req.pid}"):
             return P.reply_error(req.unique, errno.ENOTTY)
         return P.reply_ioctl(req.unique, req.fh)
-

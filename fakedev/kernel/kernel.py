@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fakedev.kernel.errors import KernelError
+from fakedev.kernel.fault_inject import FaultPlan
 from fakedev.kernel.file import DevNode, File
 from fakedev.kernel.iommu import (
     DRIVER_MANAGED_DMA,
@@ -77,6 +78,8 @@ class Kernel:
         for pdev in topology.devices():
             if pdev.driver == "vfio-pci" and pdev.iommu_group is not None:
                 self._vfio_pci_probe(pdev)
+        #: fault injection (fakedev.kernel.fault_inject): rules, hooks, unplugs
+        self.faults = FaultPlan(self.vfio, [p.name for p in topology.devices()])
 
     # -- driver binding -------------------------------------------------------------
     def _vfio_pci_probe(self, pdev: PciDev) -> VfioPciDevice:
@@ -324,4 +327,5 @@ class Kernel:
             "iommufd": ctxs,
             "resets": len(self.vfio.reset_log),
             "reset_log": [{"bdf": r.bdf, "method": r.method, "cause": r.cause, "pid": r.pid} for r in self.vfio.reset_log],
+            "faults": self.faults.describe(),
         }
