@@ -404,23 +404,16 @@ class Server:
 
         def fn(task: ProcessTask) -> bytes:
             faults = self.faults
-            try:
-                if not faults.armed:
-                    f = self.kernel.open(devpath, task)
-                else:
-                    try:
-                        f = faults.open(self.kernel.open, devpath, task)
-                    finally:
-                        self._faults_done()
-            except KernelError as e:
-                if self.tracer.enabled:
-                    self.tracer.open(task, devpath, None, None, e.errno)
-                raise
+            if not faults.armed:
+                f = self.kernel.open(devpath, task)
+            else:
+                try:
+                    f = faults.open(self.kernel.open, devpath, task)
+                finally:
+                    self._faults_done()
             fh = self._new_fh()
             self._files[fh] = f
             self._paths[fh] = devpath
-            if self.tracer.enabled:
-                self.tracer.open(task, devpath, fh, f, None)
             return P.reply_open(req.unique, fh, OPEN_FLAGS)
 
         return self._model(req, fn)
@@ -453,8 +446,6 @@ class Server:
             self._pollers.pop(fh, None)
             self.releases += 1
             f.release()
-            if self.tracer.enabled:
-                self.tracer.release(task, fh, f)
             self._poke_pollers()
             return P.reply_empty(req.unique)
 
@@ -476,14 +467,12 @@ class Server:
                 return self._read_faulted(req, f, task, offset, size)
             if not self.tracer.enabled:
                 return P.reply_data(req.unique, f.read(task, offset, size)[:size])
-            fh = req.fh
-            fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0]  # may move us to a worker
             try:
                 data = f.read(task, offset, size)[:size]
             except KernelError as e:
-                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd)
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno)
                 raise
-            self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
+            self.tracer.rw(task, f, "read", offset, size, len(data), None)
             return P.reply_data(req.unique, data)
 
         return self._model(req, fn)
@@ -507,8 +496,6 @@ class Server:
 
         def fn(task: ProcessTask) -> bytes:
             faults = self.faults
-            fh = req.fh
-            fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0] if self.tracer.enabled else None
             try:
                 if not faults.armed:
                     n = f.write(task, offset, data)
@@ -519,10 +506,10 @@ class Server:
                         self._faults_done()
             except KernelError as e:
                 if self.tracer.enabled:
-                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno, fh=fh, fd=fd)
+                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno)
                 raise
             if self.tracer.enabled:
-                self.tracer.rw(task, f, "write", offset, len(data), n, None, fh=fh, fd=fd)
+                self.tracer.rw(task, f, "write", offset, len(data), n, None)
             self._poke_pollers()
             return P.reply_write(req.unique, n)
 
@@ -588,7 +575,7 @@ class Server:
             if not tracer.enabled:
                 res = call(task)
             else:
-                before = tracer.ioctl_before(task, f, cmd, arg, req.fh, self._paths.get(req.fh))
+                before = tracer.ioctl_before(task, f, cmd, arg)
                 try:
                     res = call(task)
                 except KernelError as e:
@@ -603,8 +590,6 @@ class Server:
 
     # -- fault injection and the control file ----------------------------------------
     def _read_faulted(self, req: P.ReadRequest, f: File, task: ProcessTask, offset: int, size: int) -> bytes:
-        fh = req.fh
-        fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0] if self.tracer.enabled else None
         try:
             try:
                 data = self.faults.read(f, task, offset, size)[:size]
@@ -612,10 +597,10 @@ class Server:
                 self._faults_done()
         except KernelError as e:
             if self.tracer.enabled:
-                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd)
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno)
             raise
         if self.tracer.enabled:
-            self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
+            self.tracer.rw(task, f, "read", offset, size, len(data), None)
         return P.reply_data(req.unique, data)
 
     def _faults_done(self) -> None:
@@ -675,3 +660,4 @@ class Server:
         if req.pid not in self._worker_tids and not os.path.exists(f"/proc/self/task/{req.pid}"):
             return P.reply_error(req.unique, errno.ENOTTY)
         return P.reply_ioctl(req.unique, req.fh)
+
