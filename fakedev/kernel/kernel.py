@@ -14,6 +14,7 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
+from fakedev.kernel.dma import Dma, DmaMaster, DmaMemory, DmaPort
 from fakedev.kernel.errors import KernelError
 from fakedev.kernel.fault_inject import FaultPlan
 from fakedev.kernel.file import DevNode, File
@@ -58,14 +59,19 @@ class Kernel:
     """One simulated machine: its PCI topology, iommu groups, VFIO and iommufd.
 
     ``behaviours`` maps a BDF to the ``BarBehaviour`` of that function (default:
-    RAM-backed BARs). ``bar_mmap`` makes REGION_INFO advertise mmap-able BARs as
+    RAM-backed BARs); a behaviour that does DMA (``DmaMaster``) is connected to
+    its device's ``DmaPort`` at probe. ``dma`` is the machine's DMA path
+    (``fakedev.kernel.dma.Dma``): the host installs its ``DmaMemory`` there
+    (``dma_memory``), tests a fake one. ``bar_mmap`` makes REGION_INFO advertise mmap-able BARs as
     the real kernel does (off by default: through FUSE an mmap cannot work).
     """
 
     def __init__(self, topology: PciTopology, version: KernelVersion = NEWEST,
                  clock: Callable[[], float] | None = None,
-                 behaviours: dict[str, BarBehaviour] | None = None, *, bar_mmap: bool = False) -> None:
+                 behaviours: dict[str, BarBehaviour] | None = None, *, bar_mmap: bool = False,
+                 dma_memory: DmaMemory | None = None) -> None:
         self.topology = topology
+        self.dma = Dma(dma_memory)
         self.version = version
         self.vfio = Vfio(version, clock)
         self.vfio.bar_mmap = bar_mmap
@@ -94,6 +100,8 @@ class Kernel:
         used = {d.index for d in self.vfio.devices}
         index = min(set(range(len(used) + 1)) - used)
         dev = VfioPciDevice(self.vfio, pdev, index, group, self._behaviours.get(pdev.name))
+        if isinstance(dev.behaviour, DmaMaster):
+            dev.behaviour.connect(DmaPort(self.dma, dev))
         group.devices.append(dev)
         self.vfio.devices.append(dev)
         return dev
@@ -166,6 +174,27 @@ class Kernel:
     def raise_irq(self, name: str, index: int, vector: int = 0) -> bool:
         """The device ``name`` signals interrupt ``vector`` of IRQ ``index``."""
         return self.device(name).raise_irq(index, vector)
+
+    # -- DMA ------------------------------------------------------------------------------
+    @property
+    def dma_memory(self) -> DmaMemory | None:
+        return self.dma.memory
+
+    @dma_memory.setter
+    def dma_memory(self, memory: DmaMemory | None) -> None:
+        self.dma.memory = memory
+
+    def dma_read(self, name: str, iova: int, length: int) -> bytes:
+        """Device ``name`` (BDF or vfioN) reads ``length`` bytes at ``iova``, through its IOMMU.
+
+        KernelError (EFAULT, recorded in the fault log) when the range is
+        unmapped, blocked or not readable; KeyError for an unknown device.
+        """
+        return self.dma.read(self.device(name), iova, length)
+
+    def dma_write(self, name: str, iova: int, data: bytes) -> None:
+        """Device ``name`` writes ``data`` at ``iova``, through its IOMMU (faults as ``dma_read``)."""
+        self.dma.write(self.device(name), iova, data)
 
     # -- nodes ------------------------------------------------------------------------
     def nodes(self) -> list[DevNode]:
@@ -325,6 +354,7 @@ class Kernel:
             "drivers": drivers,
             "iommu_groups": iommu_groups,
             "iommufd": ctxs,
+            "dma": self.dma.describe(),
             "resets": len(self.vfio.reset_log),
             "reset_log": [{"bdf": r.bdf, "method": r.method, "cause": r.cause, "pid": r.pid} for r in self.vfio.reset_log],
             "faults": self.faults.describe(),

@@ -97,10 +97,11 @@ FUNC_KEYS = {
     "bdf", "kind", "vendor", "device", "subsystem_vendor", "subsystem_device", "class",
     "revision", "interrupt_pin", "irq", "bars", "rom_size", "capabilities", "config_size",
     "config_file", "secondary_bus", "slot", "driver", "iommu_group", "reset_methods",
+    "behaviour",
 }  # fmt: skip
 FILE_KEYS = {
     "bdf", "config_file", "bars", "rom_size", "irq", "secondary_bus", "slot", "driver",
-    "iommu_group", "reset_methods",
+    "iommu_group", "reset_methods", "behaviour",
 }  # fmt: skip
 CAP_KEYS = {"pm", "msi", "msix", "pcie", "af", "acs"}
 
@@ -125,6 +126,8 @@ class DeviceTree:
     source: Path
     faults: tuple[Mapping[str, Any], ...] = ()
     description: str = ""
+    #: (BDF, behaviour name) of the functions whose ``behaviour`` is not the default
+    behaviours: tuple[tuple[str, str], ...] = ()
 
     def make_kernel(self) -> Kernel:
         """A new kernel model (fresh VFIO/iommufd state) over this tree's topology.
@@ -133,7 +136,14 @@ class DeviceTree:
         """
         from fakedev.kernel.kernel import Kernel
 
-        kernel = Kernel(self.topology, version=self.version)
+        from fakedev.kernel.vfio.pci.behaviours import make_behaviour
+
+        behaviours = {}
+        for bdf, name in self.behaviours:
+            pdev = self.topology.find(bdf)
+            assert pdev is not None
+            behaviours[bdf] = make_behaviour(name, pdev)
+        kernel = Kernel(self.topology, version=self.version, behaviours=behaviours)
         hooks = kernel.hooks
         for f in self.faults:
             if f["kind"] == "memory-lock-busy":
@@ -313,7 +323,8 @@ class _Loader:
         root_buses = self.parse_root_buses(doc, fns)
         topology = self.build(fns, root_buses)
         faults = self.parse_faults(doc, {f.name for f in fns})
-        return DeviceTree(topology, version, self.path, faults, description)
+        behaviours = self.parse_behaviours(funcs_raw, fns)
+        return DeviceTree(topology, version, self.path, faults, description, behaviours)
 
     def parse_root_buses(self, doc: Mapping[str, Any], fns: list[_Fn]) -> list[tuple[int, int]]:
         if "root_buses" not in doc:
@@ -366,6 +377,44 @@ class _Loader:
             elif "errno" in t:
                 self.fail((*w, "errno"), "only reset-fails takes an errno")
             out.append(entry)
+        return tuple(out)
+
+    def parse_behaviours(self, raw: list[dict[str, Any]], fns: list[_Fn]) -> tuple[tuple[str, str], ...]:
+        """``behaviour = "NAME"`` of a function: what its BARs do (default "ram").
+
+        Checked after the topology is built: the function must be bound to
+        vfio-pci, and "dma-engine" needs a memory BAR0 holding its registers
+        clear of the MSI-X table and PBA.
+        """
+        from fakedev.kernel.vfio.pci.behaviours import BEHAVIOURS
+        from fakedev.kernel.vfio.pci.dma_engine import REGS_SIZE
+
+        out: list[tuple[str, str]] = []
+        for f, t in zip(fns, raw, strict=True):
+            if "behaviour" not in t:
+                continue
+            name = self.get_str(t, "behaviour", ("function", f.index))
+            if name not in BEHAVIOURS:
+                self.fn_fail(f, ("behaviour",),
+                             f"unknown behaviour {name!r} (one of: {', '.join(sorted(BEHAVIOURS))})")
+            if f.driver != VFIO_PCI:
+                self.fn_fail(f, ("behaviour",), f"a behaviour is for a function bound to vfio-pci, "
+                                                f"not driver {f.driver or 'none'!r}")
+            if name == "dma-engine":
+                assert f.pdev is not None
+                bar0 = next((b for b in f.pdev.bars if b.index == 0), None)
+                if bar0 is None or bar0.kind is BarKind.IO or bar0.size < REGS_SIZE:
+                    self.fn_fail(f, ("behaviour",), f"dma-engine needs a memory BAR0 of at least "
+                                                    f"{REGS_SIZE:#x} bytes for its registers")
+                for label, tbl in (("MSI-X table", 0x4), ("MSI-X PBA", 0x8)):
+                    cap = f.pdev.find_capability(0x11)
+                    if cap:
+                        reg = f.pdev.cfg_read(cap + tbl, 4)
+                        if reg & 7 == 0 and reg & ~7 < REGS_SIZE:
+                            self.fn_fail(f, ("behaviour",), f"dma-engine registers (BAR0 0x0-"
+                                                            f"{REGS_SIZE - 1:#x}) overlap the {label}")
+            if name != "ram":
+                out.append((f.name, name))
         return tuple(out)
 
     # -- one function ----------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Mirrors drivers/vfio/vfio_iommu_type1.c: CHECK_EXTENSION, open (VFIO_SET_IOMMU),
 group attach, VFIO_IOMMU_GET_INFO with its capability chain, MAP_DMA and
-UNMAP_DMA (v2 semantics for TYPE1v2). Mappings are bookkeeping only: the first
-and last byte of a mapping's vaddr range are read to model pinning (EFAULT).
+UNMAP_DMA (v2 semantics for TYPE1v2). Mappings record the mapping process and
+its vaddr range (pinning is modelled as a mapped-pages check, EFAULT);
+``translate`` resolves an IOVA range for device DMA (``fakedev.kernel.dma``).
 Not here: dirty tracking (VFIO_IOMMU_DIRTY_PAGES answers ENOTTY).
 """
 
@@ -15,6 +16,7 @@ from attrs import define
 
 from fakedev.kernel.errors import KernelError
 from fakedev.kernel.iommu import IommuGroup
+from fakedev.kernel.iommufd.io_pagetable import DmaPiece
 from fakedev.kernel.task import Task
 from fakedev.kernel.version import KernelVersion
 from fakedev.uapi import consts as C
@@ -49,6 +51,7 @@ class VfioDma:
     vaddr: int
     prot: int
     vaddr_invalid: bool = False
+    pid: int = 0  # the process whose memory backs the mapping (dma->task)
 
 
 class VfioIommuType1:
@@ -182,6 +185,7 @@ class VfioIommuType1:
                 raise KernelError(errno.EINVAL)
             dma.vaddr = vaddr
             dma.vaddr_invalid = False
+            dma.pid = task.pid  # vfio_change_dma_owner(): the new vaddr is the caller's
             return 0
         if dma is not None:
             raise KernelError(errno.EEXIST)
@@ -191,9 +195,35 @@ class VfioIommuType1:
         if not any(lo <= iova and last <= hi for lo, hi in self.iova_ranges):
             raise KernelError(errno.EINVAL, "outside the valid IOVA ranges")
         task.pin_pages(vaddr, size, bool(prot & C.VFIO_DMA_MAP_FLAG_WRITE))
-        self.dmas[iova] = VfioDma(iova, size, vaddr, prot)
+        self.dmas[iova] = VfioDma(iova, size, vaddr, prot, pid=task.pid)
         self.dma_avail -= 1
         return 0
+
+    def translate(self, iova: int, length: int) -> list[DmaPiece]:
+        """What a device DMA at [iova, iova+length) reaches through this container's domain.
+
+        The type1 counterpart of ``IoPagetable.translate``: ENOENT unless
+        contiguous mappings cover every byte. A mapping whose vaddr was
+        invalidated (VFIO_DMA_UNMAP_FLAG_VADDR) still reaches the pages pinned
+        at map time, as in the kernel: its last vaddr.
+        """
+        if not length:
+            raise KernelError(errno.EINVAL, "zero length")
+        last = iova + length - 1
+        out: list[DmaPiece] = []
+        cur = iova
+        for d in sorted(self.dmas.values(), key=lambda d: d.iova):
+            dlast = d.iova + d.size - 1
+            if dlast < cur:
+                continue
+            if d.iova > cur:
+                break
+            end = min(dlast, last)
+            out.append(DmaPiece(cur, end - cur + 1, d.prot, d.pid, d.vaddr + (cur - d.iova), None))
+            cur = end + 1
+            if cur > last:
+                return out
+        raise KernelError(errno.ENOENT, "range not completely mapped")
 
     def unmap_dma(self, task: Task, arg: int) -> int:
         """Models vfio_iommu_type1_unmap_dma() / vfio_dma_do_unmap()."""
