@@ -17,11 +17,20 @@ from fakedev.uapi import structs as S
 
 from . import group as vgroup
 from . import iommufd as viommufd
-from .vfio_main import VfioDevice, VfioDeviceFile, vfio_df_close, vfio_df_open
+from .vfio_main import (
+    VfioDevice,
+    VfioDeviceFile,
+    vfio_device_try_get_registration,
+    vfio_df_close,
+    vfio_df_open,
+)
 
 
 def vfio_device_fops_cdev_open(device: VfioDevice, task: Task) -> VfioDeviceFile:
-    """Models vfio_device_fops_cdev_open(): always succeeds; no access until BIND."""
+    """Models vfio_device_fops_cdev_open(): no access until BIND; ENODEV once the
+    device is being unregistered (vfio_device_try_get_registration fails)."""
+    if not vfio_device_try_get_registration(device):
+        raise KernelError(errno.ENODEV, f"{device.name} is being removed")
     df = VfioDeviceFile(device, None, task.pid)
     device.cdev_files.append(df)
     return df

@@ -194,9 +194,15 @@ def vfio_group_ioctl_unset_container(group: VfioGroup, task: Task, arg: int) -> 
 
 
 def vfio_device_get_from_name(group: VfioGroup, buf: str) -> VfioDevice:
-    """Models vfio_device_get_from_name(): ops->match over the group's devices."""
+    """Models vfio_device_get_from_name(): ops->match over the group's devices.
+
+    A matching device being unregistered is skipped (its registration
+    reference cannot be taken), so the search goes on and ends in ENODEV.
+    """
+    from .vfio_main import vfio_device_try_get_registration
+
     for dev in group.devices:
-        if dev.match(buf) > 0:
+        if dev.match(buf) > 0 and vfio_device_try_get_registration(dev):
             return dev
     raise KernelError(errno.ENODEV, f"no device {buf!r} in group {group.id}")
 

@@ -88,6 +88,9 @@ class Vfio:
         self.iommu_groups: dict[int, IommuGroup] = {}
         #: advertise BARs as mmap-able (the kernel's answer; FUSE cannot serve the mmap)
         self.bar_mmap = False
+        #: called when the last registration reference of an unregistering device
+        #: goes (complete(&device->comp) waking vfio_unregister_group_dev)
+        self.on_registration_released: Callable[[VfioDevice], None] | None = None
 
     def record_reset(self, pdev: PciDev, method: str, cause: str, pid: int | None) -> ResetRecord:
         n = self.reset_counts.get(pdev.name, 0) + 1
@@ -165,6 +168,11 @@ class VfioDevice:
         self.opener_pid: int | None = None  # pid of the first opener (describe)
         #: the cdev files currently open on /dev/vfio/devices/vfioN
         self.cdev_files: list[VfioDeviceFile] = []
+        #: vfio_unregister_group_dev() has dropped the driver's registration
+        #: reference: new opens fail (vfio_device_try_get_registration)
+        self.unregistering = False
+        #: ops->request calls made while waiting for the device to be released
+        self.request_count = 0
 
     @property
     def name(self) -> str:
@@ -177,6 +185,9 @@ class VfioDevice:
     # -- vfio_device_ops ----------------------------------------------------
     def open_device(self, task: Task | None) -> None:
         """ops->open_device."""
+
+    def request(self, count: int) -> None:
+        """ops->request: ask the user to release the device (``count``: 0, 1, ...)."""
 
     def close_device(self, task: Task | None) -> None:
         """ops->close_device."""
@@ -284,6 +295,25 @@ class VfioDeviceFile(File):
             device_cdev.vfio_df_unbind_iommufd(self)
             if self in self.device.cdev_files:
                 self.device.cdev_files.remove(self)
+        vfio_device_put_registration(self.device)
+
+
+def vfio_device_registration_held(device: VfioDevice) -> bool:
+    """True while a file holds a registration reference (group-derived opens, cdev fds)."""
+    return device.open_count > 0 or bool(device.cdev_files)
+
+
+def vfio_device_try_get_registration(device: VfioDevice) -> bool:
+    """Models vfio_device_try_get_registration(): fails once unregistration began."""
+    return not device.unregistering
+
+
+def vfio_device_put_registration(device: VfioDevice) -> None:
+    """Models vfio_device_put_registration(): the last put completes an unregistration."""
+    if device.unregistering and not vfio_device_registration_held(device):
+        hook = device.vfio.on_registration_released
+        if hook is not None:
+            hook(device)
 
 
 def vfio_df_open(df: VfioDeviceFile, task: Task | None) -> None:

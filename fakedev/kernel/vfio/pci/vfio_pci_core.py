@@ -275,6 +275,11 @@ class VfioPciDevice(VfioDevice):
         """The device signals interrupt ``vector`` of ``index``; True if an eventfd fired."""
         return self.irqs.raise_irq(index, vector)
 
+    def request(self, count: int) -> None:
+        """Models vfio_pci_core_request(): signal the REQ eventfd if one is set
+        (the kernel only logs, at count 0, when none is)."""
+        self.irqs.raise_irq(REQ)
+
     # -- ioctls ---------------------------------------------------------------------
     def ioctl(self, df: VfioDeviceFile, task: Task, cmd: int, arg: int) -> int:
         """Models vfio_pci_core_ioctl()."""
