@@ -32,7 +32,13 @@ from fakedev.kernel.vfio.device_cdev import vfio_device_fops_cdev_open
 from fakedev.kernel.vfio.group import VfioGroup, vfio_group_fops_open
 from fakedev.kernel.vfio.pci.vfio_pci_core import VfioPciDevice
 from fakedev.kernel.vfio.pci.vfio_pci_rdwr import BarBehaviour
-from fakedev.kernel.vfio.vfio_main import KernelHooks, ResetRecord, Vfio
+from fakedev.kernel.vfio.vfio_main import (
+    KernelHooks,
+    ResetRecord,
+    Vfio,
+    VfioDevice,
+    vfio_device_registration_held,
+)
 
 #: /dev/vfio/vfio: misc device VFIO_MINOR
 VFIO_MISC_MAJOR = 10
@@ -42,6 +48,8 @@ IOMMU_MINOR = 123
 #: dynamic chrdev majors as the kernel would hand them out ("vfio", then "vfio-dev")
 VFIO_GROUP_MAJOR = 243
 VFIO_DEV_MAJOR = 242
+#: vfio_unregister_group_dev() asks again after each wait of HZ * 10
+UNPLUG_REQUEST_INTERVAL = 10.0
 
 __all__ = [
     "IOMMU_MINOR",
@@ -50,9 +58,41 @@ __all__ = [
     "VFIO_MINOR",
     "Kernel",
     "KernelHooks",
+    "PendingUnplug",
     "ResetRecord",
     "VfioPciDevice",
 ]
+
+
+class PendingUnplug:
+    """One removal of a PCI function (and everything below it) not yet finished.
+
+    Removals are serialized as the kernel serializes them (every path takes
+    pci_lock_rescan_remove()): only the first of ``Kernel.unplugs`` makes
+    progress; the others wait, their devices fully usable. ``to_stop`` is the
+    pci_stop_bus_device() order still to go; ``device`` the vfio device whose
+    release it is waiting for, asked ``device.request_count`` times so far.
+    """
+
+    def __init__(self, pdev: PciDev, to_stop: list[PciDev]) -> None:
+        self.pdev = pdev
+        self.to_stop = to_stop
+        self.device: VfioDevice | None = None
+        self.next_request: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<PendingUnplug {self.pdev.name} waiting={self.device.name if self.device else None}>"
+
+
+def pci_stop_order(pdev: PciDev) -> list[PciDev]:
+    """Models the pci_stop_bus_device() walk: below a bridge the children in
+    reverse bus order (each recursively) first, then the device itself."""
+    out: list[PciDev] = []
+    if pdev.subordinate is not None:
+        for child in reversed(pdev.subordinate.devices):
+            out.extend(pci_stop_order(child))
+    out.append(pdev)
+    return out
 
 
 class Kernel:
@@ -81,6 +121,13 @@ class Kernel:
         self._ictxs: list[Any] = []
         self._ictx_seq = 0
         self._behaviours = behaviours or {}
+        #: removals in progress, the first one active (see PendingUnplug)
+        self.unplugs: list[PendingUnplug] = []
+        #: the clock of the REQ re-request timer (seconds); the model's clock by default
+        self.unplug_clock: Callable[[], float] = self.vfio.clock
+        #: vfio groups removed from the system whose group file is still open
+        self._dead_groups: list[VfioGroup] = []
+        self.vfio.on_registration_released = self._registration_released
         for pdev in topology.devices():
             if pdev.driver == "vfio-pci" and pdev.iommu_group is not None:
                 self._vfio_pci_probe(pdev)
@@ -94,7 +141,8 @@ class Kernel:
         igroup = self.iommu_groups[pdev.iommu_group]
         group = self.vfio.groups.get(igroup.id)
         if group is None:
-            minors = {g.minor for g in self.vfio.groups.values()}
+            self._dead_groups = [g for g in self._dead_groups if g.opened_file is not None]
+            minors = {g.minor for g in self.vfio.groups.values()} | {g.minor for g in self._dead_groups}
             group = VfioGroup(igroup, minor=min(set(range(len(minors) + 1)) - minors))
             self.vfio.groups[igroup.id] = group
         used = {d.index for d in self.vfio.devices}
@@ -148,6 +196,142 @@ class Kernel:
             # iommu_device_use_default_domain(): the group is owned by a user
             raise KernelError(errno.EBUSY, f"iommu group {ig.id} is owned by a user")
         pdev.driver = driver
+
+    # -- hot removal ------------------------------------------------------------------
+    def unplug_device(self, bdf: str) -> None:
+        """Removal of the PCI function ``bdf`` (sysfs ``remove``, or a hot-unplug).
+
+        Models pci_stop_and_remove_bus_device(): every driver below and on
+        ``bdf`` is released first (for vfio-pci, vfio_pci_remove() ->
+        vfio_unregister_group_dev(), which waits while a file holds the device,
+        signalling the REQ eventfd at once and again every 10 s), then the
+        functions leave the bus. Returns at once; the removal stays pending
+        (``unplugs``) while a file holds the device and completes at its last
+        close. ENODEV for a BDF not in the topology; a function already queued
+        for removal is not queued twice (the second remove just waits).
+        """
+        pdev = self.topology.find(bdf)
+        if pdev is None:
+            raise KernelError(errno.ENODEV, f"no PCI device {bdf}")
+        if any(u.pdev is pdev for u in self.unplugs):
+            return
+        self.unplugs.append(PendingUnplug(pdev, pci_stop_order(pdev)))
+        if len(self.unplugs) == 1:
+            self._unplug_run()
+
+    def unplug_tick(self, now: float | None = None) -> float | None:
+        """The re-request timer: at each 10 s wait that timed out, ops->request
+        again with the next count. Returns when it next needs a tick (None:
+        nothing pending)."""
+        if not self.unplugs:
+            return None
+        now = self.unplug_clock() if now is None else now
+        u = self.unplugs[0]
+        dev = u.device
+        if dev is None:
+            return None
+        if u.next_request is None:
+            u.next_request = now + UNPLUG_REQUEST_INTERVAL
+        elif now >= u.next_request:
+            dev.request(dev.request_count)
+            dev.request_count += 1
+            u.next_request = now + UNPLUG_REQUEST_INTERVAL
+        return u.next_request
+
+    def unplug_pending(self, bdf: str) -> bool:
+        """True while a removal covering ``bdf`` is queued or waiting."""
+        pdev = self.topology.find(bdf)
+        return pdev is not None and any(pdev in u.to_stop for u in self.unplugs)
+
+    def _registration_released(self, dev: VfioDevice) -> None:
+        """complete(&device->comp): the waiting removal goes on."""
+        if self.unplugs and self.unplugs[0].device is dev:
+            self._unplug_run()
+
+    def _unplug_run(self) -> None:
+        """Advance the queue head until it waits on a held device or the queue is empty."""
+        while self.unplugs:
+            u = self.unplugs[0]
+            if not self._unplug_advance(u):
+                return
+            self.unplugs.pop(0)
+
+    def _unplug_advance(self, u: PendingUnplug) -> bool:
+        """pci_stop_bus_device() then pci_remove_bus_device(); False while waiting."""
+        while u.to_stop:
+            pdev = u.to_stop[0]
+            if not self._in_topology(pdev):  # removed meanwhile (e.g. with its bridge)
+                u.to_stop.pop(0)
+                continue
+            dev = self.vfio.device_of(pdev) if pdev.driver == "vfio-pci" else None
+            if dev is not None:
+                if not dev.unregistering:
+                    # vfio_unregister_group_dev(): drop the driver's reference
+                    dev.unregistering = True
+                    dev.request_count = 0
+                if vfio_device_registration_held(dev):
+                    if u.device is not dev:
+                        u.device = dev
+                        dev.request(dev.request_count)
+                        dev.request_count += 1
+                        u.next_request = self.unplug_clock() + UNPLUG_REQUEST_INTERVAL
+                    return False
+                self._vfio_unregister_finish(dev)
+            pdev.driver = None  # device_release_driver()
+            u.to_stop.pop(0)
+            u.device = None
+            u.next_request = None
+        if self._in_topology(u.pdev):
+            self._pci_remove_bus_device(u.pdev)
+        return True
+
+    def _vfio_unregister_finish(self, dev: VfioDevice) -> None:
+        """The rest of vfio_unregister_group_dev() once released, and vfio_put_device().
+
+        vfio_device_group_unregister() (out of the group's device list),
+        vfio_device_del() (the vfioN node goes), vfio_device_remove_group()
+        (the group's last device: the group node goes, its container is
+        detached, its iommu_group cleared; an open group file stays, with
+        ENODEV for what needs the group), vfio_release_device_set().
+        """
+        from fakedev.kernel.vfio.container import vfio_group_detach_container
+
+        group = dev.group
+        group.devices.remove(dev)
+        self.vfio.devices.remove(dev)
+        if not group.devices:
+            if self.vfio.groups.get(group.id) is group:
+                del self.vfio.groups[group.id]
+            if group.container is not None:
+                vfio_group_detach_container(group)
+            group.iommu_group = None
+            if group.opened_file is not None:
+                self._dead_groups.append(group)
+        ds = dev.dev_set
+        if dev in ds.device_list:
+            ds.device_list.remove(dev)
+        if not ds.device_list and ds in self.vfio.dev_sets:
+            self.vfio.dev_sets.remove(ds)
+
+    def _in_topology(self, pdev: PciDev) -> bool:
+        return pdev in pdev.bus.devices and any(d is pdev for d in self.topology.devices())
+
+    def _pci_remove_bus_device(self, pdev: PciDev) -> None:
+        """Models pci_remove_bus_device(): children first, then the device leaves
+        its bus and its iommu group (an emptied iommu group goes too)."""
+        if pdev.subordinate is not None:
+            for child in reversed(list(pdev.subordinate.devices)):
+                self._pci_remove_bus_device(child)
+            if pdev.subordinate in pdev.bus.children:
+                pdev.bus.children.remove(pdev.subordinate)
+        if pdev in pdev.bus.devices:
+            pdev.bus.devices.remove(pdev)
+        if pdev.iommu_group is not None:
+            ig = self.iommu_groups.get(pdev.iommu_group)
+            if ig is not None and pdev in ig.devices:
+                ig.devices.remove(pdev)
+                if not ig.devices and not ig.user_owned:
+                    del self.iommu_groups[ig.id]
 
     # -- state access ------------------------------------------------------------
     @property
@@ -310,6 +494,46 @@ class Kernel:
         for lst in ids.values():
             if len(lst) != len(set(lst)):
                 out.append(f"duplicate devids {sorted(lst)} in one iommufd context")
+        out.extend(self._unplug_invariants())
+        return out
+
+    def _unplug_invariants(self) -> list[str]:
+        """Removal bookkeeping: what is gone is gone everywhere; what waits is held."""
+        out: list[str] = []
+        present = {id(p) for p in self.topology.devices()}
+        waiting = self.unplugs[0].device if self.unplugs else None
+        for d in self.vfio.devices:
+            if id(d.pdev) not in present:
+                out.append(f"vfio{d.index}: {d.name} is no longer on the bus")
+            if d.pdev.driver != "vfio-pci":
+                out.append(f"vfio{d.index}: {d.name} is bound to {d.pdev.driver!r}")
+            if d.unregistering and d is not waiting:
+                out.append(f"{d.name}: unregistering but no removal waits for it")
+            if d.dev_set not in self.vfio.dev_sets or d not in d.dev_set.device_list:
+                out.append(f"{d.name}: not in its dev_set")
+        if waiting is not None:
+            if not waiting.unregistering:
+                out.append(f"{waiting.name}: a removal waits for it but it is not unregistering")
+            if not vfio_device_registration_held(waiting):
+                out.append(f"{waiting.name}: a removal waits for it but no file holds it")
+        for ds in self.vfio.dev_sets:
+            if not ds.device_list:
+                out.append(f"dev_set {ds.label}: empty")
+            for d in ds.device_list:
+                if d not in self.vfio.devices:
+                    out.append(f"dev_set {ds.label}: {d.name} is not a vfio device")
+        for g in self.vfio.groups.values():
+            if not g.devices:
+                out.append(f"group {g.id}: no devices")
+            if g.iommu_group is None or self.iommu_groups.get(g.id) is not g.iommu_group:
+                out.append(f"group {g.id}: its iommu group is gone")
+        for ig in self.iommu_groups.values():
+            for p in ig.devices:
+                if id(p) not in present:
+                    out.append(f"iommu group {ig.id}: {p.name} is no longer on the bus")
+        for u in self.unplugs:
+            if id(u.pdev) not in present:
+                out.append(f"removal of {u.pdev.name} pending but it is gone")
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -318,6 +542,8 @@ class Kernel:
         for d in self.vfio_devices():
             entry = d.describe()
             entry["iommufd"] = self._ctx_name(d.iommufd_ictx)
+            if d.unregistering:
+                entry["unplug_requests"] = d.request_count
             devices.append(entry)
         groups = []
         for g in self.vfio.groups.values():
@@ -355,6 +581,14 @@ class Kernel:
             "iommu_groups": iommu_groups,
             "iommufd": ctxs,
             "dma": self.dma.describe(),
+            "unplugs": [{
+                "bdf": u.pdev.name,
+                "state": "waiting" if i == 0 else "queued",
+                "to_stop": [p.name for p in u.to_stop],
+                "waiting_for": u.device.name if u.device is not None else None,
+                "requests": u.device.request_count if u.device is not None else 0,
+                "next_request": u.next_request,
+            } for i, u in enumerate(self.unplugs)],
             "resets": len(self.vfio.reset_log),
             "reset_log": [{"bdf": r.bdf, "method": r.method, "cause": r.cause, "pid": r.pid} for r in self.vfio.reset_log],
             "faults": self.faults.describe(),
