@@ -275,8 +275,12 @@ class Rule:
     seen: int = 0  # matching calls so far
     fired: int = 0  # failures injected
 
-    def matches(self, op: str, targets: tuple[str, ...], wanted: str | None) -> bool:
-        return (wanted == "*" or wanted == op) and (self.spec.device is None or self.spec.device in targets)
+    def matches(self, op: str, targets: tuple[str, ...]) -> bool:
+        """A call-fails rule: ``call`` on its device (if any); an unplug: ``after`` on any."""
+        s = self.spec
+        if s.kind == CALL_FAILS:
+            return (s.call == "*" or s.call == op) and (s.device is None or s.device in targets)
+        return s.after == "*" or s.after == op
 
 
 @frozen
@@ -391,7 +395,7 @@ class FaultPlan:
             self.calls.append(CallRecord(self.seq, op, label, devices, pid))
         hit: Rule | None = None
         for r in self.rules:
-            if r.matches(op, devices, r.spec.call):
+            if r.matches(op, devices):
                 r.seen += 1
                 s = r.spec
                 if hit is None and r.seen >= s.nth and (s.count is None or r.seen < s.nth + s.count):
@@ -409,7 +413,7 @@ class FaultPlan:
         """The call ``op`` returned from the model (succeeded or failed): count
         it for the unplug triggers; a trigger reaching its nth queues its device."""
         for r in self.unplugs:
-            if r.matches(op, devices, r.spec.after):
+            if r.matches(op, devices):
                 r.seen += 1
                 if r.seen == r.spec.nth:
                     r.fired += 1
