@@ -14,7 +14,6 @@ any error is refused whole: ``TreeError`` names the file, line and field.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import re
 import tomllib
@@ -24,6 +23,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from attrs import define, evolve, field, frozen
 
+from fakedev.kernel.fault_inject import KINDS as FAULT_KIND_NAMES
+from fakedev.kernel.fault_inject import FaultSpec, FaultSpecError, make_spec
 from fakedev.kernel.pci import (
     PCI_CFG_SPACE_EXP_SIZE,
     PCI_CFG_SPACE_SIZE,
@@ -87,12 +88,9 @@ _PINS = {"none": 0, "A": 1, "B": 2, "C": 3, "D": 4}
 
 TOP_KEYS = {"kernel", "description", "root_buses", "function", "fault"}
 
-# [[fault]] kinds and the kernel hook each sets (fakedev.kernel.vfio.vfio_main.KernelHooks)
-FAULT_KINDS = {
-    "memory-lock-busy",  # hot reset of a dev_set holding this function: EBUSY, nothing reset
-    "device-lock-busy",  # VFIO_DEVICE_RESET and the reset at open: EAGAIN
-    "reset-fails",  # the reset itself fails with ``errno``, after the ownership checks
-}
+# [[fault]] kinds (fakedev.kernel.fault_inject: call-fails, unplug, and the
+# KernelHooks ones memory-lock-busy, device-lock-busy, reset-fails)
+FAULT_KINDS = set(FAULT_KIND_NAMES)
 FUNC_KEYS = {
     "bdf", "kind", "vendor", "device", "subsystem_vendor", "subsystem_device", "class",
     "revision", "interrupt_pin", "irq", "bars", "rom_size", "capabilities", "config_size",
@@ -124,7 +122,7 @@ class DeviceTree:
     topology: PciTopology
     version: KernelVersion
     source: Path
-    faults: tuple[Mapping[str, Any], ...] = ()
+    faults: tuple[FaultSpec, ...] = ()
     description: str = ""
     #: (BDF, behaviour name) of the functions whose ``behaviour`` is not the default
     behaviours: tuple[tuple[str, str], ...] = ()
@@ -135,7 +133,6 @@ class DeviceTree:
         The ``PciTopology`` object is shared with the kernel, not copied.
         """
         from fakedev.kernel.kernel import Kernel
-
         from fakedev.kernel.vfio.pci.behaviours import make_behaviour
 
         behaviours = {}
@@ -144,14 +141,8 @@ class DeviceTree:
             assert pdev is not None
             behaviours[bdf] = make_behaviour(name, pdev)
         kernel = Kernel(self.topology, version=self.version, behaviours=behaviours)
-        hooks = kernel.hooks
-        for f in self.faults:
-            if f["kind"] == "memory-lock-busy":
-                hooks.memory_lock_contended.add(f["device"])
-            elif f["kind"] == "device-lock-busy":
-                hooks.device_lock_contended.add(f["device"])
-            elif f["kind"] == "reset-fails":
-                hooks.reset_errno[f["device"]] = f["errno"]
+        for spec in self.faults:
+            kernel.faults.add(spec)
         return kernel
 
 
@@ -343,40 +334,25 @@ class _Loader:
             out.append(rb)
         return sorted(out)
 
-    def parse_faults(self, doc: Mapping[str, Any], names: set[str]) -> tuple[dict[str, Any], ...]:
-        """``[[fault]]`` tables: ``kind`` (FAULT_KINDS), ``device`` and, for
-        reset-fails, ``errno`` (a name like "EIO"). Normalised to
-        ``{"kind", "device", "errno"}`` with the device as a canonical BDF."""
+    def parse_faults(self, doc: Mapping[str, Any], names: set[str]) -> tuple[FaultSpec, ...]:
+        """``[[fault]]`` tables: ``kind`` (fakedev.kernel.fault_inject.KINDS) and
+        that kind's fields (``device``, ``errno`` name, ``call``, ``nth``,
+        ``count``, ``after``), checked by ``make_spec``; a device must be a
+        function of this tree."""
         raw = doc.get("fault", [])
         if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
             self.fail(("fault",), "must be an array of tables ([[fault]])")
-        out: list[dict[str, Any]] = []
+        out: list[FaultSpec] = []
         for i, t in enumerate(raw):
             w: tuple[PathElem, ...] = ("fault", i)
-            unknown = sorted(set(t) - {"kind", "device", "errno"})
-            if unknown:
-                self.fail((*w, unknown[0]), "unknown key (expected kind, device, errno)")
-            kind = t.get("kind")
-            if kind not in FAULT_KINDS:
-                self.fail((*w, "kind"), f"must be one of {', '.join(sorted(FAULT_KINDS))}, not {kind!r}")
-            dev = t.get("device")
-            if not isinstance(dev, str) or not _BDF.match(dev):
-                self.fail((*w, "device"), f"must be a function address, not {dev!r}")
-            m = _BDF.match(dev)
-            assert m is not None
-            name = _bdf_from_match(m)
-            if name not in names:
-                self.fail((*w, "device"), f"no function {name} in this tree")
-            entry: dict[str, Any] = {"kind": kind, "device": name}
-            if kind == "reset-fails":
-                err = t.get("errno", "EIO")
-                code = getattr(errno, err, None) if isinstance(err, str) and err.startswith("E") else None
-                if not isinstance(code, int):
-                    self.fail((*w, "errno"), f"must be an errno name like \"EIO\", not {err!r}")
-                entry["errno"] = code
-            elif "errno" in t:
-                self.fail((*w, "errno"), "only reset-fails takes an errno")
-            out.append(entry)
+            fields = {k: v for k, v in t.items() if k != "kind"}
+            try:
+                spec = make_spec(t.get("kind"), fields)
+            except FaultSpecError as e:
+                self.fail((*w, e.field) if e.field and (e.field in t) else w, e.problem)
+            if spec.device is not None and spec.device not in names:
+                self.fail((*w, "device"), f"no function {spec.device} in this tree")
+            out.append(spec)
         return tuple(out)
 
     def parse_behaviours(self, raw: list[dict[str, Any]], fns: list[_Fn]) -> tuple[tuple[str, str], ...]:
