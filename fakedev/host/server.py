@@ -45,6 +45,7 @@ from fakedev.fuse import mount as M
 from fakedev.fuse import protocol as P
 from fakedev.fuse.session import Deferred, Session
 from fakedev.host import control as C
+from fakedev.host.dma import attach_dma_memory  # also registers dma-read / dma-write
 from fakedev.host.proc import IDENTITY_IOCTL, HostContext, NeedsWorker, ProcessTask
 from fakedev.host.trace import Tracer
 from fakedev.kernel.errors import KernelError
@@ -101,6 +102,7 @@ class Server:
     def __init__(self, kernel: KernelLike, *, name: str = "fakedev", tracer: Tracer | None = None,
                  allow_other: bool = True) -> None:
         self.kernel = kernel
+        attach_dma_memory(kernel)  # device DMA reaches the memory behind the mappings
         self.name = name
         self.allow_other = allow_other
         self.tracer = tracer if tracer is not None else Tracer()
