@@ -1,5 +1,6 @@
 """Text rendering for ``fakedev show``: the PCI tree with iommu groups,
-drivers, dev_sets and vfioN, and a running server's state (who holds what).
+drivers, dev_sets and vfioN, and a running server's state (who holds what);
+``decode_trace_record`` for ``fakedev trace-decode``.
 
 Reads only: a Kernel (topology + ``vfio_devices()``) or the plain-data
 ``describe()`` snapshot a server publishes in ``.fakedev/state.json``.
@@ -131,32 +132,9 @@ def render_state(state: Mapping[str, Any], *, source: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _fmt_value(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_fmt_value(v) for v in value) + "]"
-    return str(value)
-
-
 def decode_trace_record(rec: Mapping[str, Any]) -> str:
-    """One JSON trace record (``fakedev run --trace FILE``) as a strace-like line."""
-    pid = rec.get("pid", "?")
-    node = rec.get("node", "?")
-    ret = f"-1 {rec['errno']}" if rec.get("errno") else str(rec.get("result"))
-    op = rec.get("op")
-    if op == "ioctl":
-        fd = rec.get("fd")
-        args = f"fd={'?' if fd is None else fd} {node}"
-        req = rec.get("request")
-        if req is not None:
-            args += f", {_fmt_value(req)}"
-        line = f"[pid {pid}] {rec.get('name', '?')}({args}) = {ret}"
-        out = rec.get("result_struct")
-        if out is not None and out != req and not rec.get("errno"):
-            line += f" => {_fmt_value(out)}"
-        return line
-    if op in ("read", "write"):
-        offset = int(rec.get("offset", 0))
-        return f"[pid {pid}] p{op}({node}, {rec.get('size')}, {offset:#x}) = {ret}"
-    return f"[pid {pid}] {op} {_fmt_value(dict(rec))}"
+    """One JSON trace record (``fakedev run --trace FILE``) as a strace-like line,
+    the same line ``--trace-text`` prints (``fakedev.host.trace.format_record``)."""
+    from fakedev.host.trace import format_record
+
+    return format_record(rec)

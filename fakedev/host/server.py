@@ -36,7 +36,9 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -45,6 +47,7 @@ from fakedev.fuse import mount as M
 from fakedev.fuse import protocol as P
 from fakedev.fuse.session import Deferred, Session
 from fakedev.host import control as C
+from fakedev.host import sysfs as SYS
 from fakedev.host.dma import attach_dma_memory  # also registers dma-read / dma-write
 from fakedev.host.proc import IDENTITY_IOCTL, HostContext, NeedsWorker, ProcessTask
 from fakedev.host.trace import Tracer
@@ -123,6 +126,17 @@ class Server:
         self._nodes: dict[int, _Node] = {}
         self._devnodes: dict[int, DevNode] = {}
         self._next_fh = 1
+        # -- node refresh and unplug (see "topology changes") --
+        #: where the generated sysfs lives (``<root>/sys/...``), kept in step
+        #: with the model's removals; None: no sysfs to maintain
+        self.sysfs_root: Path | None = None
+        self._sysfs_view: SYS.SysfsView | None = None
+        self._next_ino = 1
+        self._gone: dict[int, _Node] = {}  # removed nodes still open somewhere (getattr)
+        self._bg: trio.Nursery | None = None
+        self._notify_send, self._notify_recv = trio.open_memory_channel[bytes](1 << 16)
+        self._unplug_timer_on = False
+        self._unplug_wake = trio.Event()
         plan = getattr(kernel, "faults", None)
         #: the model's fault plan (a private, empty one for a model without)
         self.faults: FaultPlan = plan if isinstance(plan, FaultPlan) else FaultPlan()
@@ -200,8 +214,15 @@ class Server:
             self.ctx.mount_dev = (info.major, info.minor)
             self.connection = info.connection
             self.session = Session(fd, self, on_stop=self._stop)
-            task_status.started(self)
-            await self.session.run()
+            async with trio.open_nursery() as bg:
+                self._bg = bg
+                bg.start_soon(self._notifier)
+                if getattr(self.kernel, "unplugs", None):
+                    self._start_unplug_timer()
+                task_status.started(self)
+                await self.session.run()
+                bg.cancel_scope.cancel()
+            self._bg = None
         finally:
             if mounted:
                 self._stop()
@@ -275,6 +296,8 @@ class Server:
         add(d, "devfd", mode=P.S_IFREG | 0o600, uid=os.geteuid(), gid=os.getegid(), control="devfd")
         self._nodes = nodes
         self._devnodes = devnodes
+        self._next_ino = len(nodes) + 1
+        self._sysfs_view = self._current_sysfs_view()
 
     def _file_for_fh(self, fh: int) -> File | None:
         return self._files.get(fh)
@@ -358,7 +381,7 @@ class Server:
         return P.reply_entry(req.unique, n.ino, n.attr, entry_valid=60.0, attr_valid=60.0)
 
     def _h_getattr(self, req: P.GetattrRequest) -> bytes:
-        n = self._nodes.get(req.nodeid)
+        n = self._nodes.get(req.nodeid) or self._gone.get(req.nodeid)
         if n is None:
             return P.reply_error(req.unique, errno.ENOENT)
         return P.reply_attr(req.unique, n.attr, attr_valid=60.0)
@@ -406,16 +429,23 @@ class Server:
 
         def fn(task: ProcessTask) -> bytes:
             faults = self.faults
-            if not faults.armed:
-                f = self.kernel.open(devpath, task)
-            else:
-                try:
-                    f = faults.open(self.kernel.open, devpath, task)
-                finally:
-                    self._faults_done()
+            try:
+                if not faults.armed:
+                    f = self.kernel.open(devpath, task)
+                else:
+                    try:
+                        f = faults.open(self.kernel.open, devpath, task)
+                    finally:
+                        self._faults_done()
+            except KernelError as e:
+                if self.tracer.enabled:
+                    self.tracer.open(task, devpath, None, None, e.errno)
+                raise
             fh = self._new_fh()
             self._files[fh] = f
             self._paths[fh] = devpath
+            if self.tracer.enabled:
+                self.tracer.open(task, devpath, fh, f, None)
             return P.reply_open(req.unique, fh, OPEN_FLAGS)
 
         return self._model(req, fn)
@@ -447,7 +477,13 @@ class Server:
             self._paths.pop(fh, None)
             self._pollers.pop(fh, None)
             self.releases += 1
+            pending = bool(getattr(self.kernel, "unplugs", None))
             f.release()
+            if pending:  # this close may have let a removal complete
+                self._unplug_wake.set()
+                self.refresh_nodes()
+            if self.tracer.enabled:
+                self.tracer.release(task, fh, f)
             self._poke_pollers()
             return P.reply_empty(req.unique)
 
@@ -469,12 +505,14 @@ class Server:
                 return self._read_faulted(req, f, task, offset, size)
             if not self.tracer.enabled:
                 return P.reply_data(req.unique, f.read(task, offset, size)[:size])
+            fh = req.fh
+            fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0]  # may move us to a worker
             try:
                 data = f.read(task, offset, size)[:size]
             except KernelError as e:
-                self.tracer.rw(task, f, "read", offset, size, None, e.errno)
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd)
                 raise
-            self.tracer.rw(task, f, "read", offset, size, len(data), None)
+            self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
             return P.reply_data(req.unique, data)
 
         return self._model(req, fn)
@@ -498,6 +536,8 @@ class Server:
 
         def fn(task: ProcessTask) -> bytes:
             faults = self.faults
+            fh = req.fh
+            fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0] if self.tracer.enabled else None
             try:
                 if not faults.armed:
                     n = f.write(task, offset, data)
@@ -508,10 +548,10 @@ class Server:
                         self._faults_done()
             except KernelError as e:
                 if self.tracer.enabled:
-                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno)
+                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno, fh=fh, fd=fd)
                 raise
             if self.tracer.enabled:
-                self.tracer.rw(task, f, "write", offset, len(data), n, None)
+                self.tracer.rw(task, f, "write", offset, len(data), n, None, fh=fh, fd=fd)
             self._poke_pollers()
             return P.reply_write(req.unique, n)
 
@@ -577,11 +617,14 @@ class Server:
             if not tracer.enabled:
                 res = call(task)
             else:
-                before = tracer.ioctl_before(task, f, cmd, arg)
+                before = tracer.ioctl_before(task, f, cmd, arg, req.fh, self._paths.get(req.fh))
                 try:
                     res = call(task)
                 except KernelError as e:
                     tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, None, e.errno)
+                    raise
+                except Exception:  # a model bug: answered EIO by _guard
+                    tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, None, errno.EIO)
                     raise
                 tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, res, None)
             if self._pollers:
@@ -592,6 +635,8 @@ class Server:
 
     # -- fault injection and the control file ----------------------------------------
     def _read_faulted(self, req: P.ReadRequest, f: File, task: ProcessTask, offset: int, size: int) -> bytes:
+        fh = req.fh
+        fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0] if self.tracer.enabled else None
         try:
             try:
                 data = self.faults.read(f, task, offset, size)[:size]
@@ -599,10 +644,10 @@ class Server:
                 self._faults_done()
         except KernelError as e:
             if self.tracer.enabled:
-                self.tracer.rw(task, f, "read", offset, size, None, e.errno)
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd)
             raise
         if self.tracer.enabled:
-            self.tracer.rw(task, f, "read", offset, size, len(data), None)
+            self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
         return P.reply_data(req.unique, data)
 
     def _faults_done(self) -> None:
@@ -655,6 +700,155 @@ class Server:
 
         return self._model(req, fn)
 
+    # -- topology changes: unplug, node refresh --------------------------------------
+    def unplug(self, bdf: str) -> None:
+        """Unplug the PCI function ``bdf`` (``kernel.unplug_device``) and show it.
+
+        The model signals the REQ eventfd at once; while a file holds the
+        device the removal is pending, the vfioN node stays (opens fail with
+        ENODEV) and a timer in the server's nursery asks again every 10 s; at
+        the last close the nodes and the function's sysfs go. A device nobody
+        holds goes at once. KernelError as the model fails (ENODEV: no such
+        function). Call on the server's thread with the model lock held (as
+        control commands run), e.g. ``await server.locked(lambda: server.unplug(bdf))``.
+        """
+        unplug_device = getattr(self.kernel, "unplug_device", None)
+        if unplug_device is None:
+            raise KernelError(errno.ENOSYS, "this model cannot unplug devices")
+        set_clock = getattr(self.kernel, "set_unplug_clock", None)
+        if set_clock is not None:
+            set_clock(time.monotonic)
+        unplug_device(bdf)
+        self.refresh_nodes()
+        if getattr(self.kernel, "unplugs", None):
+            self._start_unplug_timer()
+        self._poke_pollers()
+
+    def refresh_nodes(self) -> None:
+        """Serve the model's current ``nodes()``: vanished nodes give ENOENT from
+        now on (files open on them keep working), new ones appear; the kernel's
+        dentry and attribute caches are told (FUSE_NOTIFY_INVAL_ENTRY /
+        INVAL_INODE, sent from a worker thread: the kernel may need this loop to
+        answer a lookup first). The generated sysfs loses what went.
+
+        Call after any change of the model's topology, on the server's thread,
+        with the model lock held. Inode numbers of surviving nodes do not change.
+        """
+        root = self._nodes.get(1)
+        if root is None:  # not serving yet: serve() builds the tree
+            return
+        wanted: dict[str, DevNode] = {dn.path: dn for dn in self.kernel.nodes()}
+        have: dict[str, _Node] = {n.devpath: n for n in self._nodes.values() if n.devpath is not None}
+        touched: set[int] = set()
+        for path, n in have.items():
+            if path not in wanted:
+                self._drop_node(n, touched)
+        for path, dn in wanted.items():
+            if path not in have:
+                self._add_devnode(dn, touched)
+        for ino in sorted(touched):
+            self._queue_notify(P.notify_inval_inode(ino))
+        self._sync_sysfs()
+
+    def _drop_node(self, n: _Node, touched: set[int]) -> None:
+        """Take ``n`` out of the tree (and a node-made directory left empty)."""
+        while True:
+            parent = self._nodes.get(n.parent)
+            del self._nodes[n.ino]
+            self._gone[n.ino] = n
+            if parent is not None and parent.children is not None:
+                parent.children.pop(n.name, None)
+                self._queue_notify(P.notify_inval_entry(parent.ino, n.name))
+                touched.add(parent.ino)
+            if (parent is None or parent.ino == 1 or parent.children or parent.control is not None
+                    or parent.name == CONTROL_DIR):
+                return
+            n = parent  # devtmpfs removes the directories it made once empty
+
+    def _add_devnode(self, dn: DevNode, touched: set[int]) -> None:
+        d = self._nodes[1]
+        parts = dn.path.strip("/").split("/")
+        for i, name in enumerate(parts):
+            assert d.children is not None
+            child = d.children.get(name)
+            if child is None:
+                leaf = i == len(parts) - 1
+                ino = self._next_ino
+                self._next_ino += 1
+                if leaf:
+                    child = _Node(ino, name, d.ino, P.S_IFREG | (dn.mode & 0o7777), uid=dn.uid, gid=dn.gid,
+                                  devpath=dn.path)
+                    self._devnodes[ino] = dn
+                else:
+                    child = _Node(ino, name, d.ino, P.S_IFDIR | 0o755, is_dir=True)
+                self._nodes[ino] = child
+                d.children[name] = child
+                touched.add(d.ino)
+            if child.children is None:
+                return
+            d = child
+
+    def _current_sysfs_view(self) -> SYS.SysfsView | None:
+        topology = getattr(self.kernel, "topology", None)
+        vfio_devices = getattr(self.kernel, "vfio_devices", None)
+        if topology is None or vfio_devices is None:
+            return None
+        index = {d.pdev.name: d.index for d in vfio_devices()}
+        return SYS.sysfs_view(topology, self.kernel.nodes(), index)
+
+    def _sync_sysfs(self) -> None:
+        before = self._sysfs_view
+        after = self._current_sysfs_view()
+        self._sysfs_view = after
+        if self.sysfs_root is None or before is None or after is None:
+            return
+        try:
+            gone = SYS.remove_vanished(self.sysfs_root, before, after)
+        except OSError:
+            log.exception("updating the sysfs at %s", self.sysfs_root)
+            return
+        if gone:
+            log.debug("sysfs: removed %s", ", ".join(gone))
+
+    def _queue_notify(self, msg: bytes) -> None:
+        if self._bg is None:
+            return
+        try:
+            self._notify_send.send_nowait(msg)
+        except trio.WouldBlock:
+            log.warning("dropping a cache invalidation: too many queued")
+
+    async def _notifier(self) -> None:
+        """Write queued notifications, each from a worker thread (the kernel may
+        block the write until a request this loop must answer is done)."""
+        async for msg in self._notify_recv:
+            session = self.session
+            if session is None or session.closed:
+                continue
+            await trio.to_thread.run_sync(session.send, msg, abandon_on_cancel=True)
+
+    def _start_unplug_timer(self) -> None:
+        self._unplug_wake.set()
+        if self._unplug_timer_on or self._bg is None:
+            return
+        self._unplug_timer_on = True
+        self._bg.start_soon(self._unplug_timer)
+
+    async def _unplug_timer(self) -> None:
+        """vfio_unregister_group_dev()'s 10 s waits: tick the model while a removal is pending."""
+        try:
+            while True:
+                self._unplug_wake = trio.Event()
+                async with self.lock:
+                    nxt = self.kernel.unplug_tick(time.monotonic())  # type: ignore[attr-defined]
+                    if nxt is None:
+                        self.refresh_nodes()
+                        return
+                with trio.move_on_after(max(0.0, nxt - time.monotonic())):
+                    await self._unplug_wake.wait()
+        finally:
+            self._unplug_timer_on = False
+
     def _identity(self, req: P.IoctlRequest) -> bytes:
         """Which open is this? Answered only to our own threads (fget's worker)."""
         if req.fh not in self._files and req.fh not in self._controls and req.fh not in self._unbound:
@@ -662,4 +856,3 @@ class Server:
         if req.pid not in self._worker_tids and not os.path.exists(f"/proc/self/task/{req.pid}"):
             return P.reply_error(req.unique, errno.ENOTTY)
         return P.reply_ioctl(req.unique, req.fh)
-

@@ -80,7 +80,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, final
 
 import trio
-from attrs import define, frozen
+from attrs import define, field, frozen
 
 from fakedev.uapi.ioctls import VFIO_GROUP_GET_DEVICE_FD
 
@@ -388,6 +388,9 @@ class InstallFd:
 
     fd: int
     cloexec: bool = True
+    #: called after the install with the caller's new fd number, or -errno
+    #: when it failed (-ENOENT: the caller was gone)
+    installed: Callable[[int], None] | None = field(default=None, eq=False)
 
 
 @frozen
@@ -971,6 +974,11 @@ class Supervisor:
                 os.close(decision.fd)
             except OSError:
                 log.error("InstallFd(%d) for %r: not an open fd of ours", decision.fd, call)
+            if decision.installed is not None:
+                try:
+                    decision.installed(ret if ret >= 0 else -err)
+                except Exception:
+                    log.exception("InstallFd callback for %r", call)
             if ret >= 0:
                 self.answered += 1
                 return

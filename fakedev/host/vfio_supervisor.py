@@ -19,7 +19,10 @@ caller is still waiting, run the model's group ioctl with a task whose
 (``Server.bind_fh``). The supervisor then installs our fd in the caller
 (SECCOMP_IOCTL_NOTIF_ADDFD) and the ioctl returns its number; the caller's
 later calls on it go through FUSE to that File. A model error is the ioctl's
-errno and the devfd open is closed unbound. The copy of the caller's group fd
+errno and the devfd open is closed unbound. With the server's trace on, each
+answered call is recorded through the server's ``Tracer`` (caller, group fd,
+device name, the new fd's number and open, or the errno), like the calls
+FUSE serves. The copy of the caller's group fd
 is held until the model call is over, so the group file cannot be released
 under it (as the kernel's fdget holds it).
 
@@ -123,8 +126,9 @@ class DeviceFdHandler:
         pinned = await trio.to_thread.run_sync(self._pin_group, call.tid, fd)
         if pinned is None:
             return Continue()  # not one of our groups: the call runs as made
-        copy, group = pinned
+        copy, group, group_fh = pinned
         local = -1
+        tracer = self.server.tracer
         try:
             local = await trio.to_thread.run_sync(os.open, self.devfd, os.O_RDWR | os.O_CLOEXEC)
             fh = await trio.to_thread.run_sync(identify, local)
@@ -133,25 +137,43 @@ class DeviceFdHandler:
             async with self.server.lock:
                 if not call.is_valid():
                     return Continue()  # the caller is gone: nobody reads the answer
-                task = _BindingTask(ProcessTask(call.tid, self.server.ctx, False), self.server, fh)
+                caller = ProcessTask(call.tid, self.server.ctx, False)
+                traced = tracer.enabled
+                name = tracer.device_name(caller, arg) if traced else None
+                task = _BindingTask(caller, self.server, fh)
                 try:
                     await trio.to_thread.run_sync(group.ioctl, task, VFIO_GROUP_GET_DEVICE_FD, arg)
                 except KernelError as exc:
+                    if traced:
+                        tracer.device_fd(call.tid, fd, group_fh, group, name, None, None, None, exc.errno)
                     return Error(exc.errno)
             if task.bound is None:
+                if traced:
+                    tracer.device_fd(call.tid, fd, group_fh, group, name, None, None, None, errno.EIO)
                 return Error(errno.EIO)  # the model returned without a file
             ours, local = local, -1
             self.installed += 1
-            return InstallFd(ours, cloexec=True)
+            if not traced:
+                return InstallFd(ours, cloexec=True)
+            device = task.bound
+
+            def installed(number: int) -> None:
+                """The caller's new fd (or -errno): the record of the call."""
+                if number >= 0:
+                    tracer.device_fd(call.tid, fd, group_fh, group, name, fh, device, number, None)
+                else:
+                    tracer.device_fd(call.tid, fd, group_fh, group, name, fh, device, None, -number)
+
+            return InstallFd(ours, cloexec=True, installed=installed)
         finally:
             with trio.CancelScope(shield=True):  # closed even when cancelled
                 if local >= 0:  # unbound: its release just drops the fh
                     await trio.to_thread.run_sync(os.close, local)
                 await trio.to_thread.run_sync(os.close, copy)
 
-    def _pin_group(self, tid: int, fd: int) -> tuple[int, File] | None:
-        """Worker thread: a copy of the caller's ``fd`` and its File, if it is
-        one of our group files; the copy keeps it open until we are done."""
+    def _pin_group(self, tid: int, fd: int) -> tuple[int, File, int] | None:
+        """Worker thread: a copy of the caller's ``fd``, its File and fh, if it
+        is one of our group files; the copy keeps it open until we are done."""
         mount_dev = self.server.ctx.mount_dev
         if mount_dev is None or fd < 0:
             return None
@@ -165,7 +187,7 @@ class DeviceFdHandler:
                 fh = identify(copy)
                 f = self.server.ctx.file_for_fh(fh) if fh >= 0 else None
                 if f is not None and getattr(f, "kind", None) is FileKind.GROUP:
-                    return copy, f
+                    return copy, f, fh
         except BaseException:
             os.close(copy)
             raise
