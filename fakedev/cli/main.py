@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fakedev.cli import dma as dma_cli
+
 PROG = "fakedev"
 
 # Environment handed to the program run by ``fakedev run``.
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dec = sub.add_parser("trace-decode", help="print a recorded trace as text")
     dec.add_argument("file", type=Path)
+    dma_cli.register(sub)
     _add_fault_commands(sub)
     return p
 
@@ -186,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_show(args)
         if args.command == "trace-decode":
             return cmd_trace_decode(args)
+        if args.command == "dma":
+            return dma_cli.cmd_dma(args)
         if args.command == "fault":
             return cmd_fault(args)
         if args.command == "unplug":
