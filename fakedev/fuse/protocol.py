@@ -102,6 +102,8 @@ FUSE_POLL_SCHEDULE_NOTIFY: Final = 1 << 0
 
 # notifications (fuse_out_header.error with unique 0)
 FUSE_NOTIFY_POLL: Final = 1
+FUSE_NOTIFY_INVAL_INODE: Final = 2
+FUSE_NOTIFY_INVAL_ENTRY: Final = 3
 
 # fuse_interrupt: the unique of the interrupt request itself has this bit
 FUSE_INT_REQ_BIT: Final = 1 << 0
@@ -138,6 +140,8 @@ SETATTR_IN: Final = struct.Struct("<IIQQQQQQIIIIIIII")  # 88
 KSTATFS: Final = struct.Struct("<QQQQQIIII24x")  # 80
 DIRENT_HEAD: Final = struct.Struct("<QQII")  # ino off namelen type
 NOTIFY_POLL_WAKEUP: Final = struct.Struct("<Q")
+NOTIFY_INVAL_INODE: Final = struct.Struct("<Qqq")  # ino off len
+NOTIFY_INVAL_ENTRY: Final = struct.Struct("<QII")  # parent namelen flags (then the name, NUL)
 
 S_IFDIR: Final = 0o040000
 S_IFREG: Final = 0o100000
@@ -511,6 +515,21 @@ def pack_dirent(ino: int, off: int, name: str, dtype: int) -> bytes:
 def notify_poll_wakeup(kh: int) -> bytes:
     """The unsolicited FUSE_NOTIFY_POLL message waking pollers of ``kh``."""
     return OUT_HEADER.pack(_OH_SIZE + 8, FUSE_NOTIFY_POLL, 0) + NOTIFY_POLL_WAKEUP.pack(kh)
+
+
+def notify_inval_inode(ino: int, off: int = 0, length: int = 0) -> bytes:
+    """FUSE_NOTIFY_INVAL_INODE: drop the cached attributes (and pages from
+    ``off``, ``length`` bytes; 0 = to the end) of inode ``ino``."""
+    body = NOTIFY_INVAL_INODE.pack(ino, off, length)
+    return OUT_HEADER.pack(_OH_SIZE + len(body), FUSE_NOTIFY_INVAL_INODE, 0) + body
+
+
+def notify_inval_entry(parent: int, name: str) -> bytes:
+    """FUSE_NOTIFY_INVAL_ENTRY: drop the cached dentry ``name`` of directory
+    ``parent``; the next lookup of the path asks the server again."""
+    raw = name.encode("utf-8", "surrogateescape")
+    body = NOTIFY_INVAL_ENTRY.pack(parent, len(raw), 0) + raw + b"\0"
+    return OUT_HEADER.pack(_OH_SIZE + len(body), FUSE_NOTIFY_INVAL_ENTRY, 0) + body
 
 
 DEFAULT_INIT_FLAGS: Final = (FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_PARALLEL_DIROPS | FUSE_INIT_EXT

@@ -32,6 +32,7 @@ runs right after the call that triggered it, under the model lock.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ from fakedev.host.dma import attach_dma_memory  # also registers dma-read / dma-
 from fakedev.host.proc import IDENTITY_IOCTL, HostContext, NeedsWorker, ProcessTask
 from fakedev.host.trace import Tracer
 from fakedev.kernel.errors import KernelError
-from fakedev.kernel.fault_inject import FaultPlan
+from fakedev.kernel.fault_inject import FaultPlan, InjectedError
 from fakedev.kernel.file import DevNode, File
 from fakedev.kernel.task import Task
 from fakedev.uapi import ioctls
@@ -134,7 +135,11 @@ class Server:
         self._next_ino = 1
         self._gone: dict[int, _Node] = {}  # removed nodes still open somewhere (getattr)
         self._bg: trio.Nursery | None = None
-        self._notify_send, self._notify_recv = trio.open_memory_channel[bytes](1 << 16)
+        self._notify_send, self._notify_recv = trio.open_memory_channel[bytes | Callable[[], None]](1 << 16)
+        #: called (in a worker thread) with the path under /dev of each node that
+        #: went, before the kernel's caches are told: who placed the node elsewhere
+        #: (``fakedev run``'s private /dev) takes it away there
+        self.node_removed_hooks: list[Callable[[str], None]] = []
         self._unplug_timer_on = False
         self._unplug_wake = trio.Event()
         plan = getattr(kernel, "faults", None)
@@ -439,7 +444,8 @@ class Server:
                         self._faults_done()
             except KernelError as e:
                 if self.tracer.enabled:
-                    self.tracer.open(task, devpath, None, None, e.errno)
+                    self.tracer.open(task, devpath, None, None, e.errno,
+                                     injected=isinstance(e, InjectedError))
                 raise
             fh = self._new_fh()
             self._files[fh] = f
@@ -548,7 +554,8 @@ class Server:
                         self._faults_done()
             except KernelError as e:
                 if self.tracer.enabled:
-                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno, fh=fh, fd=fd)
+                    self.tracer.rw(task, f, "write", offset, len(data), None, e.errno, fh=fh, fd=fd,
+                                   injected=isinstance(e, InjectedError))
                 raise
             if self.tracer.enabled:
                 self.tracer.rw(task, f, "write", offset, len(data), n, None, fh=fh, fd=fd)
@@ -621,7 +628,8 @@ class Server:
                 try:
                     res = call(task)
                 except KernelError as e:
-                    tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, None, e.errno)
+                    tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, None, e.errno,
+                                       injected=isinstance(e, InjectedError))
                     raise
                 except Exception:  # a model bug: answered EIO by _guard
                     tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, None, errno.EIO)
@@ -644,7 +652,8 @@ class Server:
                 self._faults_done()
         except KernelError as e:
             if self.tracer.enabled:
-                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd)
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd,
+                               injected=isinstance(e, InjectedError))
             raise
         if self.tracer.enabled:
             self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
@@ -752,6 +761,10 @@ class Server:
 
     def _drop_node(self, n: _Node, touched: set[int]) -> None:
         """Take ``n`` out of the tree (and a node-made directory left empty)."""
+        devpath = n.devpath
+        if devpath is not None:
+            for hook in self.node_removed_hooks:
+                self._queue_notify(functools.partial(hook, devpath))
         while True:
             parent = self._nodes.get(n.parent)
             del self._nodes[n.ino]
@@ -810,7 +823,7 @@ class Server:
         if gone:
             log.debug("sysfs: removed %s", ", ".join(gone))
 
-    def _queue_notify(self, msg: bytes) -> None:
+    def _queue_notify(self, msg: bytes | Callable[[], None]) -> None:
         if self._bg is None:
             return
         try:
@@ -822,10 +835,20 @@ class Server:
         """Write queued notifications, each from a worker thread (the kernel may
         block the write until a request this loop must answer is done)."""
         async for msg in self._notify_recv:
+            if not isinstance(msg, bytes):
+                await trio.to_thread.run_sync(self._run_hook, msg, abandon_on_cancel=True)
+                continue
             session = self.session
             if session is None or session.closed:
                 continue
             await trio.to_thread.run_sync(session.send, msg, abandon_on_cancel=True)
+
+    @staticmethod
+    def _run_hook(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("node removal hook")
 
     def _start_unplug_timer(self) -> None:
         self._unplug_wake.set()

@@ -7,8 +7,14 @@ functions (pci-sysfs.c, iommu.c, the vfio classes), so that lspci (pointed at
 mount namespace) and VMMs find devices the way they do on a real host.
 ``vfio_index_for`` gives the vfioN numbering when no kernel model is at hand.
 
+When functions go away (a hot removal), ``sysfs_view`` and ``remove_vanished``
+take out what ``generate_sysfs`` wrote for them: the device directory, its
+``/sys/bus/pci/devices`` and driver links, its ``class/vfio-dev`` entry and
+iommu group link, and the vfio / iommu group entries left without members.
+
 What must not: no mounting (the namespace code bind-mounts ``<root>/sys/...``
-over the real paths), no kernel state: the files are a snapshot written once.
+over the real paths, so changes made here show through), no kernel state: the
+files are a snapshot of the model, written by host code when it changes.
 Symlinks are relative and never point outside ``<root>/sys``, so the tree is
 correct both where it is written and bind-mounted at /sys.
 """
@@ -16,8 +22,11 @@ correct both where it is written and bind-mounted at /sys.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from attrs import define, field
 
 from fakedev.kernel.file import DevNode
 from fakedev.kernel.pci import (
@@ -396,3 +405,100 @@ def _write_slots(w: _Writer, topology: PciTopology) -> None:
             sdir = f"bus/pci/slots/{psn}"
             w.file(f"{sdir}/address", f"{bus.domain:04x}:{bus.number:02x}:{slot.number:02x}\n")
             w.file(f"{sdir}/power", "1\n", 0o644)
+
+
+# ------------------------------------------------------------------ removal
+
+
+@define(eq=False)
+class SysfsFunction:
+    """What the sysfs of one function depends on, as last written."""
+
+    dev: PciDev
+    driver: str | None
+    iommu_group: int | None
+    vfio_index: int | None
+
+
+@define(eq=False)
+class SysfsView:
+    """The entries a generated sysfs has: functions by BDF, vfio and iommu group ids."""
+
+    functions: dict[str, SysfsFunction] = field(factory=dict)
+    vfio_groups: set[int] = field(factory=set)
+    iommu_groups: set[int] = field(factory=set)
+
+
+def sysfs_view(topology: PciTopology, nodes: Sequence[DevNode], vfio_index: Mapping[str, int]) -> SysfsView:
+    """The view ``generate_sysfs(root, topology, nodes, vfio_index)`` writes."""
+    view = SysfsView()
+    for dev in topology.devices():
+        index = vfio_index.get(dev.name) if dev.driver == VFIO_PCI else None
+        view.functions[dev.name] = SysfsFunction(dev, dev.driver, dev.iommu_group, index)
+        if dev.iommu_group is not None:
+            view.iommu_groups.add(dev.iommu_group)
+    for n in nodes:
+        gid = n.path.removeprefix("vfio/")
+        if gid != n.path and gid.isdigit():
+            view.vfio_groups.add(int(gid))
+    return view
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_function(root: Path, fn: SysfsFunction) -> None:
+    """Take out the sysfs of one removed function (device_del() of the pci_dev
+    and of its vfio-dev child): its directory, its links from the bus, the
+    driver, the iommu group and class/vfio-dev. A bridge's directory holds
+    those of the functions below it, which go with it."""
+    sysdir = os.path.join(os.fspath(root), "sys")
+    dev = fn.dev
+    shutil.rmtree(os.path.join(sysdir, device_path(dev)), ignore_errors=True)
+    _unlink(os.path.join(sysdir, "bus/pci/devices", dev.name))
+    if fn.driver is not None:
+        _unlink(os.path.join(sysdir, "bus/pci/drivers", fn.driver, dev.name))
+    if fn.iommu_group is not None:
+        _unlink(os.path.join(sysdir, "kernel/iommu_groups", str(fn.iommu_group), "devices", dev.name))
+    if fn.vfio_index is not None:
+        _unlink(os.path.join(sysdir, "class/vfio-dev", f"vfio{fn.vfio_index}"))
+
+
+def remove_vfio_group(root: Path, gid: int) -> None:
+    """Take out the entries of the vfio group ``gid`` (its class device)."""
+    sysdir = os.path.join(os.fspath(root), "sys")
+    _unlink(os.path.join(sysdir, "class/vfio", str(gid)))
+    shutil.rmtree(os.path.join(sysdir, "devices/virtual/vfio", str(gid)), ignore_errors=True)
+
+
+def remove_iommu_group(root: Path, gid: int) -> None:
+    """Take out /sys/kernel/iommu_groups/``gid`` (its last device is gone)."""
+    shutil.rmtree(os.path.join(os.fspath(root), "sys", "kernel/iommu_groups", str(gid)), ignore_errors=True)
+
+
+def remove_vanished(root: Path, before: SysfsView, after: SysfsView) -> list[str]:
+    """Remove from ``root/sys`` what ``before`` had and ``after`` lacks: removed
+    functions, and a function's vfio-dev entry when it left vfio-pci; vfio and
+    iommu groups that went. Returns what was taken out, for logs and tests."""
+    out: list[str] = []
+    for bdf, fn in before.functions.items():
+        now = after.functions.get(bdf)
+        if now is None:
+            remove_function(root, fn)
+            out.append(bdf)
+        elif fn.vfio_index is not None and now.vfio_index != fn.vfio_index:
+            sysdir = os.path.join(os.fspath(root), "sys")
+            shutil.rmtree(os.path.join(sysdir, device_path(fn.dev), "vfio-dev"), ignore_errors=True)
+            _unlink(os.path.join(sysdir, "class/vfio-dev", f"vfio{fn.vfio_index}"))
+            out.append(f"vfio{fn.vfio_index}")
+    for gid in sorted(before.vfio_groups - after.vfio_groups):
+        remove_vfio_group(root, gid)
+        out.append(f"vfio group {gid}")
+    for gid in sorted(before.iommu_groups - after.iommu_groups):
+        remove_iommu_group(root, gid)
+        out.append(f"iommu group {gid}")
+    return out

@@ -238,6 +238,10 @@ class Kernel:
             u.next_request = now + UNPLUG_REQUEST_INTERVAL
         return u.next_request
 
+    def set_unplug_clock(self, clock: Callable[[], float]) -> None:
+        """Use ``clock`` (seconds) for the REQ re-request timer (a server's real clock)."""
+        self.unplug_clock = clock
+
     def unplug_pending(self, bdf: str) -> bool:
         """True while a removal covering ``bdf`` is queued or waiting."""
         pdev = self.topology.find(bdf)
