@@ -164,6 +164,8 @@ def format_record(rec: Mapping[str, Any]) -> str:
     node = rec.get("node", "?")
     err = rec.get("errno")
     ret = f"-1 {err}" if err else str(rec.get("result"))
+    if err and rec.get("injected"):
+        ret += " (injected)"  # by a fault rule, before the model ran the call
     op = rec.get("op")
     if op == "ioctl":
         name = str(rec.get("name", "?"))
@@ -316,6 +318,11 @@ def decode_group_fds(task: ProcessTask, hdr: Mapping[str, int], argsz: int, arg:
     return out
 
 
+def _injected(injected: bool) -> dict[str, bool]:
+    """``"injected": true`` in a record whose errno a fault rule made (fakedev.kernel.fault_inject)."""
+    return {"injected": True} if injected else {}
+
+
 class Before:
     """What ``Tracer.ioctl_before`` saw: the call, its request, the caller's fd."""
 
@@ -428,11 +435,13 @@ class Tracer:
         return None, fds
 
     # -- open / release ------------------------------------------------------------------
-    def open(self, task: ProcessTask, node_path: str, fh: int | None, file: File | None, err: int | None) -> None:
+    def open(self, task: ProcessTask, node_path: str, fh: int | None, file: File | None, err: int | None,
+             *, injected: bool = False) -> None:
         """An open of ``/dev/<node_path>``: its open number, or the errno."""
         self._emit({"t": time.time(), "op": "open", "pid": task.tid, "path": f"/dev/{node_path}",
                     "node": getattr(file, "label", node_path), "open": fh, "fd": None,
-                    "result": 0 if err is None else None, "errno": None if err is None else errname(err)})
+                    "result": 0 if err is None else None, "errno": None if err is None else errname(err),
+                    **_injected(injected)})
 
     def release(self, task: ProcessTask, fh: int, file: File, err: int | None = None) -> None:
         """The last close of the open ``fh``."""
@@ -491,7 +500,7 @@ class Tracer:
         return Before(io, req, absent, argsz, fh, fd, fds)
 
     def ioctl_after(self, task: ProcessTask, file: File, node_path: str | None, cmd: int, arg: int,
-                    before: Before, result: int | None, err: int | None) -> None:
+                    before: Before, result: int | None, err: int | None, *, injected: bool = False) -> None:
         io, req = before.io, before.req
         out: Any = None
         if io is not None and io.arg is Arg.STRUCT and isinstance(req, dict):
@@ -506,7 +515,7 @@ class Tracer:
                     "fd_candidates": before.fds, "open": before.fh, "node": getattr(file, "label", "?"),
                     "name": name, "cmd": cmd, "arg": arg, "request": req, "absent": before.absent,
                     "result_struct": out if isinstance(out, dict) else None,
-                    "result": result, "errno": None if err is None else errname(err)})
+                    "result": result, "errno": None if err is None else errname(err), **_injected(injected)})
 
     def device_name(self, task: ProcessTask, arg: int) -> Any:
         """The device name a GROUP_GET_DEVICE_FD caller passed (or "EFAULT")."""
@@ -527,7 +536,9 @@ class Tracer:
 
     # -- read / write ----------------------------------------------------------------------
     def rw(self, task: ProcessTask, file: File, op: str, offset: int, size: int,
-           result: int | None, err: int | None, *, fh: int | None = None, fd: int | None = None) -> None:
+           result: int | None, err: int | None, *, fh: int | None = None, fd: int | None = None,
+           injected: bool = False) -> None:
         self._emit({"t": time.time(), "op": op, "pid": task.tid, "fd": fd, "open": fh,
                     "node": getattr(file, "label", "?"), "offset": offset,
-                    "size": size, "result": result, "errno": None if err is None else errname(err)})
+                    "size": size, "result": result, "errno": None if err is None else errname(err),
+                    **_injected(injected)})
