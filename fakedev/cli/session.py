@@ -62,6 +62,20 @@ def generate_sysfs_into(root: Path, tree: Any, kernel: Any) -> None:
     generate_sysfs(root, topology, kernel.nodes(), vfio_index_of(kernel))
 
 
+def unplace_node(rel: str, dev: Path = Path("/dev")) -> None:
+    """A served node went (unplug): take its bind mount and placeholder out of
+    our private ``dev`` (``rel`` as in ``DevNode.path``)."""
+    target = dev / rel
+    try:
+        namespace.umount(target, namespace.MNT_DETACH)
+    except OSError:
+        pass
+    try:
+        target.unlink()
+    except OSError:
+        pass
+
+
 class OwnedNodes:
     """``kernel`` with every node owned by ``uid``/``gid``: in rootless mode
     the caller stands where an administrator would have chowned the nodes to
@@ -108,6 +122,9 @@ class RunSession:
         nodes = [(n.path, staging.fuse_dir / n.path) for n in self.kernel.nodes()]
         namespace.place_dev(staging, nodes, use_overlay=not self.rootless)
         self.generate(staging.sys_dir, self.tree, self.kernel)
+        if hasattr(self.server, "sysfs_root"):  # unplugged devices leave both
+            self.server.sysfs_root = staging.sys_dir
+            self.server.node_removed_hooks.append(unplace_node)
         namespace.place_sysfs(staging, staging.sys_dir / "sys")
 
     async def run(self) -> int:
