@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fakedev.kernel.errors import KernelError
-from fakedev.kernel.fault_inject import FaultSpecError, parse_spec
+from fakedev.kernel.fault_inject import FaultSpecError, canonical_bdf, parse_spec
 
 if TYPE_CHECKING:
     from fakedev.host.server import Server
@@ -110,11 +110,9 @@ def _cmd_unplug(server: Server, args: list[str]) -> str:
     unplug = getattr(server, "unplug", None)
     if unplug is None:
         raise KernelError(errno.ENOSYS, "this server cannot unplug devices")
-    try:
-        bdf = parse_spec(f"unplug={args[0]}").device
-    except FaultSpecError as e:
-        raise ControlError(str(e)) from e
-    assert bdf is not None
+    bdf = canonical_bdf(args[0])
+    if bdf is None:
+        raise ControlError(f"{args[0]!r} is not a function address like 0000:01:00.0")
     unplug(bdf)
     return f"unplugged {bdf}\n"
 

@@ -395,7 +395,7 @@ class Server:
         n = self._nodes.get(req.nodeid)
         if n is None:
             return P.reply_error(req.unique, errno.ENOENT)
-        if n.control != "trace":  # only truncation of the trace switch (echo on > trace)
+        if n.control not in ("trace", "control"):  # only truncation of a switch (echo on > trace)
             return P.reply_error(req.unique, errno.EPERM)
         return P.reply_attr(req.unique, n.attr, attr_valid=60.0)
 
