@@ -486,8 +486,8 @@ class Server:
             pending = bool(getattr(self.kernel, "unplugs", None))
             f.release()
             if pending:  # this close may have let a removal complete
-                self._unplug_wake.set()
                 self.refresh_nodes()
+                self._start_unplug_timer()
             if self.tracer.enabled:
                 self.tracer.release(task, fh, f)
             self._poke_pollers()
@@ -746,6 +746,10 @@ class Server:
         root = self._nodes.get(1)
         if root is None:  # not serving yet: serve() builds the tree
             return
+        if self._bg is not None and not _on_trio_thread():
+            # a model call in a worker thread (it holds the lock): the tree is the loop's
+            trio.from_thread.run_sync(self.refresh_nodes)
+            return
         wanted: dict[str, DevNode] = {dn.path: dn for dn in self.kernel.nodes()}
         have: dict[str, _Node] = {n.devpath: n for n in self._nodes.values() if n.devpath is not None}
         touched: set[int] = set()
@@ -851,8 +855,13 @@ class Server:
             log.exception("node removal hook")
 
     def _start_unplug_timer(self) -> None:
+        if self._bg is None:
+            return
+        if not _on_trio_thread():
+            trio.from_thread.run_sync(self._start_unplug_timer)
+            return
         self._unplug_wake.set()
-        if self._unplug_timer_on or self._bg is None:
+        if self._unplug_timer_on:
             return
         self._unplug_timer_on = True
         self._bg.start_soon(self._unplug_timer)
@@ -879,3 +888,11 @@ class Server:
         if req.pid not in self._worker_tids and not os.path.exists(f"/proc/self/task/{req.pid}"):
             return P.reply_error(req.unique, errno.ENOTTY)
         return P.reply_ioctl(req.unique, req.fh)
+
+
+def _on_trio_thread() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
