@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -232,3 +233,53 @@ async def test_unplug_unheld_device_gone_at_once(served: tuple[Kernel, Server], 
     with pytest.raises(kernel_mod.KernelError) as e:
         await srv.locked(lambda: srv.unplug(F1))
     assert e.value.errno == errno.ENODEV
+
+
+def test_inval_notifications_wire_format() -> None:
+    from fakedev.fuse import protocol as P
+
+    m = P.notify_inval_entry(7, "vfio0")
+    assert m == (struct.pack("<IiQ", 16 + 16 + 6, P.FUSE_NOTIFY_INVAL_ENTRY, 0)
+                 + struct.pack("<QII", 7, 5, 0) + b"vfio0\0")
+    m = P.notify_inval_inode(9)
+    assert m == struct.pack("<IiQ", 16 + 24, P.FUSE_NOTIFY_INVAL_INODE, 0) + struct.pack("<Qqq", 9, 0, 0)
+
+
+@pytest.mark.needs_root
+async def test_refresh_nodes_after_driver_changes(served: tuple[Kernel, Server], mnt: Path,
+                                                  tmp_path: Path) -> None:
+    k, srv = served
+    devs = mnt / "vfio/devices"
+    ino0 = (await trio.to_thread.run_sync(os.stat, devs / "vfio0")).st_ino
+    await trio.to_thread.run_sync(os.stat, devs / "vfio1")
+
+    def unbind() -> None:
+        k.unbind_driver(F1)
+        srv.refresh_nodes()
+
+    await srv.locked(unbind)
+    with trio.fail_after(20):
+        while await in_thread(lambda: os.stat(devs / "vfio1")) != errno.ENOENT:
+            await trio.sleep(0.02)
+    assert sorted(await trio.to_thread.run_sync(os.listdir, devs)) == ["vfio0"]
+    assert sorted(await trio.to_thread.run_sync(os.listdir, mnt / "vfio")) == ["13", "devices", "vfio"]
+    # the function stays on the bus; only its vfio-dev entries left the sysfs
+    sysd = tmp_path / "sysroot/sys"
+    assert os.path.lexists(sysd / "bus/pci/devices" / F1)
+    assert not os.path.lexists(sysd / "class/vfio-dev/vfio1")
+
+    def bind() -> None:
+        k.bind_driver(F1, "vfio-pci")
+        srv.refresh_nodes()
+
+    await srv.locked(bind)
+    st = await trio.to_thread.run_sync(os.stat, devs / "vfio1")
+    assert st.st_ino != ino0
+    assert (await trio.to_thread.run_sync(os.stat, devs / "vfio0")).st_ino == ino0  # unchanged
+    assert await in_thread(lambda: os.close(os.open(devs / "vfio1", os.O_RDWR))) == 0
+    assert await in_thread(lambda: os.close(os.open(mnt / "vfio/14", os.O_RDWR))) == 0
+    with trio.fail_after(10):
+        while srv.open_files:
+            await trio.sleep(0.01)
+    async with srv.lock:
+        assert k.check_invariants() == []

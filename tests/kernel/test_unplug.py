@@ -232,6 +232,8 @@ def test_sibling_hot_reset_while_pending_and_after() -> None:
     d0, id0 = a.cdev_bound(0, ifd)
     d1, id1 = a.cdev_bound(1, ifd)
     ev = set_req(a, d0)
+    err, hdr, ents = a.hot_reset_info(d1)
+    assert err == 0 and hdr["count"] == 2 and [e[0] for e in ents] == [id0, id1]
     r.k.unplug_device(F0)
     r.check()
     # the pending device is still on the bus and in the dev_set: INFO lists it,
