@@ -1,5 +1,6 @@
 """Unplug under ``fakedev run`` (a ``--fault unplug=...`` rule firing after the
-program's SET_IRQS): the program holding vfio0 gets the REQ eventfd,
+program's SET_IRQS, or the program writing ``unplug BDF`` to the control
+file): the program holding vfio0 gets the REQ eventfd,
 keeps a working fd, closes it, and the node and sysfs entries are gone from
 its /dev and /sys."""
 
@@ -32,7 +33,10 @@ SCRIPT = textwrap.dedent(f"""
     flags = C.VFIO_IRQ_SET_DATA_EVENTFD | C.VFIO_IRQ_SET_ACTION_TRIGGER
     fcntl.ioctl(dfd, IO.VFIO_DEVICE_SET_IRQS,
                 bytearray(struct.pack("<IIIIIi", 24, flags, C.VFIO_PCI_REQ_IRQ_INDEX, 0, 1, efd)))
-    # the unplug comes from the fault rule: right after that SET_IRQS returned
+    if os.environ.get("UNPLUG_BY") == "control":
+        with open(os.environ["FAKEDEV_MOUNT"] + "/.fakedev/control", "w") as ctl:
+            ctl.write("unplug {F0}")
+    # else the unplug comes from the fault rule, right after that SET_IRQS returned
     select.select([efd], [], [], 30)
     out("req", os.eventfd_read(efd))
     try:
@@ -65,9 +69,11 @@ SCRIPT = textwrap.dedent(f"""
 """)
 
 
-def test_unplug_while_open_under_run() -> None:
-    r = fakedev_run("dual-function-nic", [sys.executable, "-c", SCRIPT],
-                    extra=["--fault", f"unplug={F0},after=VFIO_DEVICE_SET_IRQS"])
+@pytest.mark.parametrize("by", ["fault", "control"])
+def test_unplug_while_open_under_run(by: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNPLUG_BY", by)
+    extra = ["--fault", f"unplug={F0},after=VFIO_DEVICE_SET_IRQS"] if by == "fault" else []
+    r = fakedev_run("dual-function-nic", [sys.executable, "-c", SCRIPT], extra=extra)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[:5] == [
