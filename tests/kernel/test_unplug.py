@@ -348,3 +348,64 @@ def test_invariants_after_every_step_on_6_6() -> None:
     dq, _ = q.cdev_bound(1, q.open("iommu"))
     q.hot_reset(dq)
     r.check()
+
+
+# ------------------------------------------------------------------ random sequences with unplugs
+
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import rule  # noqa: E402
+
+from fakedev.kernel.errors import KernelError  # noqa: E402
+from tests.kernel.test_statemachine import PICK, PROFILE, KernelMachine  # noqa: E402
+
+
+class UnplugMachine(KernelMachine):
+    """The kernel state machine with unplugs and REQ timer ticks mixed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.k.set_unplug_clock(lambda: self.now)
+        self.bdfs = [p.name for p in self.k.topology.devices()] + ["0000:7f:00.0"]
+        self.unplugged: set[str] = set()
+
+    @rule(n=PICK)
+    def unplug(self, n: int) -> None:
+        bdf = self.bdfs[n % len(self.bdfs)]
+        present = self.k.topology.find(bdf) is not None
+        before = self.k.describe()
+        try:
+            self.k.unplug_device(bdf)
+        except KernelError as e:
+            assert e.errno == E.ENODEV and not present
+            assert self.k.describe() == before
+            return
+        assert present
+        self.unplugged.add(bdf)
+        assert self.k.topology.find(bdf) is None or self.k.unplugs
+
+    @rule(dt=st.sampled_from([0.0, 4.0, 10.0, 25.0]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        counts = [d.request_count for d in self.k.vfio.devices]
+        nxt = self.k.unplug_tick()
+        assert (nxt is None) == (not self.k.unplugs)
+        waiting = self.k.unplugs[0].device if self.k.unplugs else None
+        for d, c in zip(self.k.vfio.devices, counts, strict=True):
+            assert d.request_count in ((c, c + 1) if d is waiting else (c,))
+
+    def teardown(self) -> None:
+        super().teardown()
+        assert not self.k.unplugs
+        for bdf in self.unplugged:
+            assert self.k.topology.find(bdf) is None, f"{bdf} still on the bus"
+        assert self.k.check_invariants() == []
+
+
+def _unplug_machine(topology: str, version: str) -> type[UnplugMachine]:
+    return type(f"Unplug_{topology.replace('-', '_')}_{version.replace('.', '_')}", (UnplugMachine,),
+                {"TOPOLOGY": topology, "VERSION": version})
+
+
+TestUnplugDualNic66 = PROFILE(_unplug_machine("dual-function-nic", "6.6")).TestCase
+TestUnplugSharedGroup612 = PROFILE(_unplug_machine("shared-group", "6.12")).TestCase
