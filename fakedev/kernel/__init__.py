@@ -18,4 +18,6 @@ The facade is ``fakedev.kernel.kernel.Kernel``:
     k.reset_log                  # every reset the model performed
     k.check_invariants()         # [] when the state is consistent
     k.describe()                 # plain-data snapshot for `fakedev show`
+    k.unplug_device(bdf)         # hot removal: REQ now, gone at the holder's last close
+    k.unplug_tick(now)           # REQ again every 10 s while pending; -> next deadline
 """
