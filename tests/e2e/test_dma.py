@@ -7,6 +7,7 @@ path; ``fakedev dma read|write`` reaches the same mappings from outside."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,77 @@ def test_fixture_is_listed_by_show() -> None:
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert BDF in r.stdout
+
+
+QEMU_DRIVER = r"""
+import json, os, socket, subprocess, sys, time
+qemu, mode, d = sys.argv[1], sys.argv[2], sys.argv[3]
+fakedev = [sys.executable, "-m", "fakedev.cli.main"]
+sock = os.path.join(d, "qmp.sock")
+args = [qemu, "-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "64", "-S",
+        "-qmp", f"unix:{sock},server=on,wait=off", "-device", "pcie-root-port,id=rp0"]
+if mode == "iommufd":
+    args += ["-object", "memory-backend-memfd,id=mem0,size=64M", "-machine", "memory-backend=mem0",
+             "-object", "iommufd,id=iommufd0",
+             "-device", "vfio-pci,host=0000:03:00.0,bus=rp0,iommufd=iommufd0"]
+else:
+    args += ["-device", "vfio-pci,host=0000:03:00.0,bus=rp0"]
+q = subprocess.Popen(args)
+for _ in range(600):
+    if os.path.exists(sock) or q.poll() is not None:
+        break
+    time.sleep(0.05)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sock)
+f = s.makefile("rw")
+
+def qmp(cmd, **kw):
+    f.write(json.dumps({"execute": cmd, "arguments": kw}) + "\n")
+    f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r:
+            return r
+
+def dma(*a):
+    r = subprocess.run(fakedev + ["dma", *a], capture_output=True, text=True)
+    print(f"{a[0]}: rc={r.returncode} {r.stdout.strip()} {r.stderr.strip()}", flush=True)
+
+f.readline()
+qmp("qmp_capabilities")
+dma("write", "03:00.0", "0x100000", "0123456789abcdef")  # guest RAM
+print("xp: " + qmp("human-monitor-command", **{"command-line": "xp /8xb 0x100000"})["return"].strip())
+dma("read", "03:00.0", "0xffff0", "5")  # the BIOS reset vector (ROM, mapped read-only)
+dma("write", "03:00.0", "0xffff0", "00")
+dma("read", "03:00.0", "0x8000000", "8")  # above the 64 MiB of RAM
+qmp("quit")
+q.wait()
+"""
+
+
+QEMU_VARIANTS = [
+    pytest.param("legacy", shutil.which("qemu-system-x86_64") or "", ["--supervise"], id="legacy-debian-qemu"),
+    pytest.param("iommufd", os.environ.get("FAKEDEV_QEMU", ""), ["--stat-mode"], id="iommufd-FAKEDEV_QEMU"),
+]
+
+
+@pytest.mark.parametrize(("mode", "qemu", "extra"), QEMU_VARIANTS)
+def test_device_dma_reaches_qemu_guest_memory(mode: str, qemu: str, extra: list[str]) -> None:
+    """QEMU's own guest-RAM mappings (MAP_DMA, or IOAS_MAP / MAP_FILE with iommufd) are
+    what the device's DMA goes through: a write lands in guest RAM (QEMU's ``xp``
+    shows it), the BIOS ROM reads back its reset vector and refuses writes."""
+    if not qemu:
+        pytest.skip("no QEMU for this path (Debian's qemu-system-x86; FAKEDEV_QEMU for iommufd)")
+    script = f"d=$(mktemp -d); '{sys.executable}' -c '{QEMU_DRIVER}' '{qemu}' {mode} \"$d\"; " \
+             'cat "$FAKEDEV_MOUNT/.fakedev/state.json"'
+    r = fakedev_run("dma-engine", ["sh", "-c", script], extra=extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    writes, reads = lines_of(out, "write"), lines_of(out, "read")
+    assert writes[0].startswith("rc=0 wrote 8 bytes"), out + r.stderr
+    assert lines_of(out, "xp") == ["0000000000100000: 0x01 0x23 0x45 0x67 0x89 0xab 0xcd 0xef"]
+    assert reads[0].startswith("rc=0 ea5be000f0")  # jmp f000:e05b
+    assert writes[1].startswith("rc=1") and "read-only" in writes[1]
+    assert reads[1].startswith("rc=1") and "unmapped" in reads[1]
+    state = json.loads(out[out.index("\n{") + 1:])
+    assert state["dma"]["fault_counts"] == {"permission": 1, "unmapped": 1}
