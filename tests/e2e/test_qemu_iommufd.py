@@ -59,7 +59,7 @@ F0, F1 = "0000:01:00.0", "0000:01:00.1"
 NIC = (0x8086, 0x10C9)  # the card of dual-function-nic.toml and shared-group.toml
 
 DRIVER = r"""
-import json, os, subprocess, sys
+import errno, json, os, subprocess, sys
 
 cfg = json.loads(sys.argv[1])
 state_file = os.path.join(os.environ["FAKEDEV_MOUNT"], ".fakedev", "state.json")
@@ -111,8 +111,11 @@ def recv():
         raise EOFError("QEMU closed its QMP stream")
     return json.loads(line)
 
-def execute(command, wait_event=None):
-    qemu.stdin.write(json.dumps({"execute": command}) + "\n")
+def execute(command, wait_event=None, **arguments):
+    msg = {"execute": command}
+    if arguments:
+        msg["arguments"] = arguments
+    qemu.stdin.write(json.dumps(msg) + "\n")
     qemu.stdin.flush()
     result, seen = None, wait_event is None
     while result is None or not seen:
@@ -123,12 +126,39 @@ def execute(command, wait_event=None):
             seen = True
     return result
 
+def control(command):
+    # one command to the server's control file: its reply, or the errno name
+    fd = os.open(os.path.join(os.environ["FAKEDEV_MOUNT"], ".fakedev", "control"), os.O_RDWR)
+    try:
+        os.write(fd, command.encode())
+        return os.pread(fd, 1 << 16, 0).decode()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    finally:
+        os.close(fd)
+
+def hmp(line):
+    return execute("human-monitor-command", **{"command-line": line})["return"]
+
+def dma(plan):
+    # the device writes guest RAM and reads it back; QEMU's own view of it (xp)
+    bdf, gpa, data = plan["bdf"], plan["gpa"], plan["hex"]
+    n = len(data) // 2
+    res = {"xp_before": hmp(f"xp /{n}xb {gpa:#x}")}
+    res["write"] = control(f"dma-write {bdf} {gpa:#x} {data}")
+    res["xp_after"] = hmp(f"xp /{n}xb {gpa:#x}")
+    res["read"] = control(f"dma-read {bdf} {gpa:#x} {n}")
+    res["write_unmapped"] = control(f"dma-write {bdf} {plan['unmapped']:#x} {data}")
+    return res
+
 out = {}
 try:
     recv()  # greeting
     execute("qmp_capabilities")
     out["pci"] = execute("query-pci")["return"]
     out["before"] = state()
+    if cfg["dma"]:
+        out["dma"] = dma(cfg["dma"])
     out["reset"] = execute("system_reset", wait_event="RESET")
     out["after"] = state()
     execute("quit")
@@ -177,13 +207,19 @@ class Run:
 
 
 def run_qemu(
-    tmp_path: Path, tree: str, bdfs: list[str], mode: str, holder: list[str] | None = None
+    tmp_path: Path,
+    tree: str,
+    bdfs: list[str],
+    mode: str,
+    holder: list[str] | None = None,
+    dma: dict[str, Any] | None = None,
 ) -> Run:
     driver = tmp_path / "qmp_driver.py"
     driver.write_text(DRIVER)
     trace = tmp_path / "trace.jsonl"
     stderr = tmp_path / "qemu.stderr"
-    cfg = {"qemu": QEMU, "bdfs": bdfs, "holder": holder, "stderr": str(stderr), "mode": mode}
+    cfg = {"qemu": QEMU, "bdfs": bdfs, "holder": holder, "stderr": str(stderr), "mode": mode,
+           "dma": dma}
     extra = ["--trace", str(trace), *(["--stat-mode"] if mode == "host" else [])]
     tmp_path.chmod(0o755)
     r = fakedev_run(tree, [sys.executable, str(driver), json.dumps(cfg)], extra=extra, timeout=300)
@@ -278,3 +314,31 @@ def test_sibling_held_by_another_process_blocks_the_reset(
     assert any("which is not owned" in line for line in run.qemu_stderr.splitlines()), run
     assert not run.calls("VFIO_DEVICE_PCI_HOT_RESET")
     assert run.hot_resets_during_system_reset() == []
+
+
+def xp_bytes(text: str) -> bytes:
+    """The bytes of HMP ``xp /Nxb`` output ("0000000000200000: 0x66 0x61 ...")."""
+    out = bytearray()
+    for line in text.splitlines():
+        _, _, values = line.partition(":")
+        out.extend(int(v, 16) for v in values.split())
+    return bytes(out)
+
+
+@pytest.mark.parametrize("mode", ["host", "fd"])
+def test_device_dma_reaches_guest_ram_through_qemus_mappings(tmp_path: Path, mode: str) -> None:
+    """The device writes guest RAM through the IOAS mappings QEMU made; QEMU
+    sees the bytes at that guest-physical address (IOVA = GPA without a
+    vIOMMU), and an IOVA QEMU never mapped faults."""
+    payload = b"fakedev DMA to guest RAM"
+    plan = {"bdf": F0, "gpa": 0x200000, "hex": payload.hex(), "unmapped": 0xF0000000}
+    run = run_qemu(tmp_path, "dual-function-nic", [F0, F1], mode, dma=plan)
+    res = run.out["dma"]
+    assert xp_bytes(res["xp_before"]) != payload, res
+    assert res["write"].startswith(f"wrote {len(payload)} bytes"), res
+    assert xp_bytes(res["xp_after"]) == payload, res
+    assert bytes.fromhex(res["read"].strip()) == payload, res
+    assert res["write_unmapped"] in ("EFAULT", "ENOENT", "EIO"), res
+    dma = run.out["after"]["dma"]
+    assert dma["writes"] >= 1 and dma["reads"] >= 1 and dma["faults"] == 1, dma
+    assert [(f["bdf"], f["iova"]) for f in dma["recent_faults"]] == [(F0, plan["unmapped"])], dma
