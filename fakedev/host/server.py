@@ -868,6 +868,7 @@ class Server:
 
     async def _unplug_timer(self) -> None:
         """vfio_unregister_group_dev()'s 10 s waits: tick the model while a removal is pending."""
+        done = False
         try:
             while True:
                 self._unplug_wake = trio.Event()
@@ -875,11 +876,14 @@ class Server:
                     nxt = self.kernel.unplug_tick(time.monotonic())  # type: ignore[attr-defined]
                     if nxt is None:
                         self.refresh_nodes()
+                        done = True
                         return
                 with trio.move_on_after(max(0.0, nxt - time.monotonic())):
                     await self._unplug_wake.wait()
         finally:
             self._unplug_timer_on = False
+            if done and getattr(self.kernel, "unplugs", None):
+                self._start_unplug_timer()  # an unplug came in while this timer was ending
 
     def _identity(self, req: P.IoctlRequest) -> bytes:
         """Which open is this? Answered only to our own threads (fget's worker)."""
