@@ -503,3 +503,19 @@ def test_engine_registers_reset_with_the_function() -> None:
     # other BARs are RAM
     p.write(d, (2 << 40) + 8, b"ram!")
     assert p.read(d, (2 << 40) + 8, 4) == b"ram!"
+
+
+def test_engine_interrupts_msix_vector_0_and_nothing_when_none_is_set() -> None:
+    r = Rig()
+    p = r.p
+    ifd, d, ioas = iommufd_attached(r)
+    buf = p.p.alloc(b"q" * PAGE)
+    ioas_map(p, ifd, ioas, buf, PAGE, 0x100000)
+    bus_master(p, d)
+    program(p, d, 0x100000, 0x100000 + 64, 8)  # no trigger set: completes silently
+    assert reg_read(p, d, R.REG_STATUS) == R.STATUS_DONE
+    ev = msi_eventfd(p, d, C.VFIO_PCI_MSIX_IRQ_INDEX)
+    program(p, d, 0x100000, 0x100000 + 128, 8)
+    assert ev.counter == 1  # type: ignore[attr-defined]
+    assert p.p.peek(buf + 128, 8) == b"q" * 8
+    assert reg_read(p, d, R.REG_COMPLETED) == 2
