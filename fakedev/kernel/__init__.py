@@ -18,6 +18,8 @@ The facade is ``fakedev.kernel.kernel.Kernel``:
     k.reset_log                  # every reset the model performed
     k.check_invariants()         # [] when the state is consistent
     k.describe()                 # plain-data snapshot for `fakedev show`
+    k.dma_memory = memory        # the host's DmaMemory (fakedev.kernel.dma); then device DMA
+    k.dma_read(bdf, iova, n); k.dma_write(bdf, iova, data)  # via the IOMMU; EFAULT on a fault
     k.unplug_device(bdf)         # hot removal: REQ now, gone at the holder's last close
     k.unplug_tick(now)           # REQ again every 10 s while pending; -> next deadline
 """
