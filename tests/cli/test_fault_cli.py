@@ -179,7 +179,7 @@ def test_fault_clear_faults_and_unplug_commands() -> None:
     assert '"spec": "call=VFIO_DEVICE_RESET,nth=2,errno=EIO"' in C.run_command(srv, "faults")  # type: ignore[arg-type]
     assert C.run_command(srv, "clear") == "cleared\n"  # type: ignore[arg-type]
     assert not srv.faults.armed
-    assert C.run_command(srv, "unplug 01:00.1") == "unplugged 0000:01:00.1\n"  # type: ignore[arg-type]
+    assert C.run_command(srv, "unplug 01:00.1") == "unplugged 0000:01:00.1\n"
     assert srv.unplugged == ["0000:01:00.1"]
 
 
