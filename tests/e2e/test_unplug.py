@@ -6,12 +6,17 @@ its /dev and /sys."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import fakedev_run
+from tests.cli.conftest import unprivileged_python
+from tests.e2e.conftest import FIXTURES, fakedev_run
 
 pytestmark = pytest.mark.needs_root
 
@@ -69,20 +74,15 @@ SCRIPT = textwrap.dedent(f"""
 """)
 
 
-@pytest.mark.parametrize("by", ["fault", "control"])
-def test_unplug_while_open_under_run(by: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("UNPLUG_BY", by)
-    extra = ["--fault", f"unplug={F0},after=VFIO_DEVICE_SET_IRQS"] if by == "fault" else []
-    r = fakedev_run("dual-function-nic", [sys.executable, "-c", SCRIPT], extra=extra)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+def check_output(stdout: str, stderr: str) -> None:
+    lines = stdout.splitlines()
     assert lines[:5] == [
         "before vfio0 vfio1",
         "req 1",
         "reopen ENODEV",
         "info 9",
         "after vfio1",
-    ], r.stdout + r.stderr
+    ], stdout + stderr
     assert "stat /dev/vfio/devices/vfio0 ENOENT" in lines
     assert "stat /dev/vfio/13 ENOENT" in lines
     assert f"sysfs /sys/bus/pci/devices/{F0} False" in lines
@@ -92,3 +92,35 @@ def test_unplug_while_open_under_run(by: str, monkeypatch: pytest.MonkeyPatch) -
     assert "model ['0000:01:00.1'] []" in lines
     if any(ln.startswith("lspci") for ln in lines):
         assert "lspci False" in lines
+
+
+@pytest.mark.parametrize("by", ["fault", "control"])
+def test_unplug_while_open_under_run(by: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNPLUG_BY", by)
+    extra = ["--fault", f"unplug={F0},after=VFIO_DEVICE_SET_IRQS"] if by == "fault" else []
+    r = fakedev_run("dual-function-nic", [sys.executable, "-c", SCRIPT], extra=extra)
+    assert r.returncode == 0, r.stderr
+    check_output(r.stdout, r.stderr)
+
+
+def test_unplug_rootless(unprivileged_user: str, user_pythonpath: str, userns_allowed: None,
+                         dev_fuse_usable_by_all: None) -> None:
+    """The same as a normal user (user namespace, shadowed /dev, sysfs in the staging tmpfs)."""
+    exe = unprivileged_python(unprivileged_user)
+    if exe is None:
+        pytest.fail(f"no Python {sys.version_info[:2]} runnable by {unprivileged_user}")
+    shared = Path(tempfile.mkdtemp(prefix="fakedev-e2e-"))
+    shared.chmod(0o755)
+    tree = shared / "tree.toml"
+    shutil.copy(FIXTURES / "dual-function-nic.toml", tree)
+    tree.chmod(0o644)
+    try:
+        r = subprocess.run(
+            ["runuser", "-u", unprivileged_user, "--", "env", f"PYTHONPATH={user_pythonpath}", "UNPLUG_BY=control",
+             exe, "-m", "fakedev.cli.main", "run", "--tree", str(tree), "--", exe, "-c", SCRIPT],
+            capture_output=True, text=True, timeout=120, cwd="/",
+        )
+    finally:
+        shutil.rmtree(shared)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_output(r.stdout, r.stderr)
