@@ -72,6 +72,7 @@
 #define VFIO_DEVICE_ATTACH_IOMMUFD_PT IO_NR(VFIO_BASE + 19)
 #define IOMMU_IOAS_ALLOC IO_NR(IOMMUFD_CMD_BASE + 1)
 
+#define VFIO_API_VERSION 0
 #define VFIO_TYPE1v2_IOMMU 3
 #define VFIO_GROUP_FLAGS_VIABLE (1u << 0)
 #define VFIO_PCI_DEVID_OWNED 0u
@@ -499,8 +500,19 @@ int main(int argc, char **argv)
 		if (container < 0)
 			die_env("open /dev/vfio/vfio");
 		int api = ioctl(container, VFIO_GET_API_VERSION);
-		printf("container: api=%d type1v2=%d\n", api,
-		       ioctl(container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU));
+		int type1v2 = ioctl(container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU);
+		printf("container: api=%d type1v2=%d\n", api, type1v2);
+		/* a container that is not API 0 or lacks type1v2 cannot be used */
+		if (api != VFIO_API_VERSION) {
+			if (api >= 0)
+				errno = EPROTO;
+			die_env("VFIO_GET_API_VERSION");
+		}
+		if (type1v2 <= 0) {
+			if (type1v2 == 0)
+				errno = ENOTSUP;
+			die_env("VFIO_CHECK_EXTENSION(TYPE1v2)");
+		}
 		int gids[MAX_DEVS], gfds[MAX_DEVS], ngroups = 0, iommu_set = 0;
 		for (int i = 0; i < ndevs; i++) {
 			struct dev *d = &devs[i];

@@ -104,3 +104,13 @@ def test_sweep_with_a_limit_and_a_device(hotreset: str) -> None:
     assert [r["call"]["op"] for r in res["runs"][1:]] == ["open", "VFIO_DEVICE_BIND_IOMMUFD"]
     assert all(r["call"]["devices"] == [B] for r in res["runs"][1:])
     assert status == 0
+
+
+def test_sweep_over_the_legacy_path_finds_no_ignored_failure(hotreset: str) -> None:
+    """A failed VFIO_GET_API_VERSION or CHECK_EXTENSION(TYPE1v2) once went unnoticed
+    (hotreset exited 0): every failure of the container's first calls must stop it."""
+    status, res = sweep("--supervise", "--limit", "3", "--", hotreset, "--legacy", A, B)
+    runs = res["runs"][1:]
+    assert [r["call"]["op"] for r in runs] == ["open", "VFIO_GET_API_VERSION", "VFIO_CHECK_EXTENSION"]
+    assert [(r["verdict"], r["status"]) for r in runs] == [("failed-cleanly", 2)] * 3
+    assert status == 0
