@@ -615,10 +615,7 @@ class Server:
         def call(task: ProcessTask) -> int:
             if not faults.armed:
                 return f.ioctl(task, cmd, arg)
-            try:
-                return faults.ioctl(f, task, cmd, arg)
-            finally:
-                self._faults_done()
+            return self.model_ioctl(f, task, cmd, arg)
 
         def fn(task: ProcessTask) -> bytes:
             if not tracer.enabled:
@@ -658,6 +655,19 @@ class Server:
         if self.tracer.enabled:
             self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
         return P.reply_data(req.unique, data)
+
+    def model_ioctl(self, file: File, task: Task, cmd: int, arg: int) -> int:
+        """``file.ioctl`` as a served call makes it: through the fault plan when
+        armed (the call may fail as injected; an unplug it makes due runs). For
+        calls answered outside the FUSE handlers (the seccomp supervisor's
+        GROUP_GET_DEVICE_FD). Model lock held, on the loop or in a worker."""
+        faults = self.faults
+        if not faults.armed:
+            return file.ioctl(task, cmd, arg)
+        try:
+            return faults.ioctl(file, task, cmd, arg)
+        finally:
+            self._faults_done()
 
     def _faults_done(self) -> None:
         """After a call through the fault plan: run the unplugs it made due.
