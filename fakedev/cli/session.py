@@ -7,10 +7,24 @@ and sysfs at the real paths -> run CMD -> cancel the server -> unmount staging.
 
 The process is already inside its private namespace when this runs (see
 fakedev.cli.main); every mount made here dies with it.
+
+CMD's processes. fakedev makes itself a child subreaper
+(PR_SET_CHILD_SUBREAPER), so every process CMD starts stays a descendant of
+fakedev, even one that leaves CMD's process group or session (a daemon, a
+``setsid`` child). SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to fakedev go to
+all of them (CMD's whole tree), not only to CMD; a second signal after the
+grace period kills the tree. Ctrl-C at a terminal already reaches every
+process of the foreground job, so it is not sent twice. When CMD exits,
+processes it left behind get SIGTERM and, after ``LEFTOVER_GRACE_SECONDS``,
+SIGKILL; the device server and the supervisor keep answering them until they
+are gone (then everything is torn down), so a leftover never sees a trapped
+stat fail with ENOSYS or a node vanish under it while it runs. No process of
+the run outlives ``fakedev run``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import signal
@@ -26,6 +40,82 @@ from fakedev.host import namespace
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 KILL_GRACE_SECONDS = 5.0
+#: how long processes left behind by CMD have between SIGTERM and SIGKILL
+LEFTOVER_GRACE_SECONDS = 3.0
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants are reparented to us."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _stat_fields(pid: int) -> tuple[int, str] | None:
+    """(ppid, state) of ``pid`` from /proc/<pid>/stat, or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(b")") + 2:].split()  # the name may hold spaces and parens
+    if len(rest) < 2:
+        return None
+    return int(rest[1]), rest[0].decode()
+
+
+def descendants(root: int | None = None) -> dict[int, str]:
+    """Every live descendant of ``root`` (default: this process): pid -> state
+    (``Z`` for a zombie not yet reaped)."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        got = _stat_fields(int(name))
+        if got is None:
+            continue
+        children.setdefault(got[0], []).append(int(name))
+        states[int(name)] = got[1]
+    out: dict[int, str] = {}
+    todo = list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if pid in out or pid == root:
+            continue
+        out[pid] = states.get(pid, "?")
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def signal_tree(signum: int, *, exclude: int | None = None) -> list[int]:
+    """Send ``signum`` to every live descendant of this process; the pids signalled."""
+    sent = []
+    for pid, state in descendants().items():
+        if state == "Z" or pid == exclude:
+            continue
+        try:
+            os.kill(pid, signum)
+            sent.append(pid)
+        except ProcessLookupError:
+            pass
+    return sent
+
+
+def reap_orphans(keep: int | None = None) -> None:
+    """Reap our zombie children (reparented orphans), but never ``keep``
+    (the child trio still waits for)."""
+    for pid, state in descendants().items():
+        if state != "Z" or pid == keep:
+            continue
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # not our child: its own parent reaps it
 
 
 TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
@@ -128,6 +218,7 @@ class RunSession:
         namespace.place_sysfs(staging, staging.sys_dir / "sys")
 
     async def run(self) -> int:
+        become_subreaper()
         try:
             self._staging = namespace.make_staging(self.staging_root)
         except OSError as exc:
@@ -186,11 +277,12 @@ class RunSession:
         self, env: dict[str, str], *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
         async def deliver_cancel(proc: trio.Process) -> None:
-            proc.terminate()
+            signal_tree(signal.SIGTERM)
+            signal_tree(signal.SIGCONT)
             with trio.move_on_after(KILL_GRACE_SECONDS):
                 await proc.wait()
                 return
-            proc.kill()
+            signal_tree(signal.SIGKILL)
 
         if self.supervise or self.stat_mode:
             from fakedev.host.vfio_supervisor import start_supervised
@@ -209,22 +301,47 @@ class RunSession:
             with trio.CancelScope(shield=True):
                 await deliver_cancel(proc)
                 await proc.wait()
+                await self._end_leftovers()
             raise
         self.returncode = 128 - rc if rc < 0 else rc
-        # The program is done: stop the server (and everything else).
+        # The program is done: end what it left behind while the devices are
+        # still served, then stop the server (and everything else).
+        await self._end_leftovers()
         assert self._scope is not None
         self._scope.cancel()
 
+    async def _end_leftovers(self) -> None:
+        """SIGTERM to every process CMD left behind, SIGKILL after the grace
+        period; returns when none is left (zombies reaped)."""
+        deadline = trio.current_time() + LEFTOVER_GRACE_SECONDS
+        termed = killed = False
+        while True:
+            reap_orphans()
+            live = [pid for pid, state in descendants().items() if state != "Z"]
+            if not live:
+                return
+            if not termed:
+                signal_tree(signal.SIGTERM)
+                signal_tree(signal.SIGCONT)  # a stopped process acts on SIGTERM only when continued
+                termed = True
+            elif trio.current_time() >= deadline and not killed:
+                signal_tree(signal.SIGKILL)
+                killed = True
+            elif killed and trio.current_time() >= deadline + KILL_GRACE_SECONDS:
+                self._say(f"processes left behind that would not die: {sorted(live)}")
+                return
+            await trio.sleep(0.02)
+
     async def _forward_signals(self, signals: Any, proc: trio.Process) -> None:
+        """Signals to fakedev go to CMD's whole tree; a second one after the
+        grace period (or any once CMD has exited) kills what is left."""
         deadline = math.inf
         async for signum in signals:
-            if proc.returncode is not None:
-                return
-            if trio.current_time() >= deadline:
-                proc.kill()
+            if proc.returncode is not None or trio.current_time() >= deadline:
+                signal_tree(signal.SIGKILL)
                 continue
             if not (signum in TERMINAL_SIGNALS and _from_terminal()):
-                proc.send_signal(signum)
+                signal_tree(signum)
             deadline = trio.current_time() + KILL_GRACE_SECONDS
 
     def _cleanup(self) -> None:

@@ -132,3 +132,54 @@ def test_rootless_standin(unprivileged_user: str, userns_allowed: None) -> None:
                                       text=True).stdout.strip()
     assert lines[1:] == ["served iommu", "0x8086", "null-ok"]
     time.sleep(0)
+
+
+def gone(pid: int) -> bool:
+    """``pid`` no longer exists (or is a zombie some unrelated parent has yet to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_processes_left_behind_are_ended_at_exit() -> None:
+    # one in CMD's process group, one in a session of its own (a daemon)
+    r = standin(
+        "ok",
+        "sleep 300 & echo $!; setsid sh -c 'echo $$; exec sleep 301' & wait_for=$!;"
+        " sleep 0.3; exit 4",
+    )
+    assert r.returncode == 4, r.stderr
+    pids = [int(x) for x in r.stdout.split()]
+    assert len(pids) == 2
+    assert all(gone(p) for p in pids), pids
+
+
+def test_leftovers_are_still_served_until_they_end() -> None:
+    # a leftover that reads a node when told to stop: the devices are still there
+    r = standin(
+        "ok",
+        "(trap 'cat /dev/iommu; exit 0' TERM; while :; do sleep 0.05; done) & sleep 0.2; exit 0",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["served iommu"]
+
+
+def test_sigterm_reaches_every_process_of_the_run() -> None:
+    script = (
+        "setsid sh -c 'trap \"echo grandchild-term; exit 5\" TERM; echo $$; echo ready;"
+        " while :; do sleep 0.05; done' & wait"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, STANDIN, "ok", "--", "sh", "-c", script],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=python_env(),
+    )
+    assert proc.stdout is not None
+    pid = int(proc.stdout.readline())
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)  # EOF: nothing of the run holds the pipe
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "grandchild-term" in out
+    assert gone(pid)
