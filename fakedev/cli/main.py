@@ -417,7 +417,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             return 0
         from fakedev.cli.render import render_state
 
-        print(render_state(state, source=source))
+        # the faults get their own section below
+        print(render_state({k: v for k, v in state.items() if k != "faults"}, source=source))
         faults = render_faults(state.get("faults"))
         if faults:
             print(faults)
