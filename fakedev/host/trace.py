@@ -40,6 +40,7 @@ import errno
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
@@ -351,6 +352,8 @@ class Tracer:
         self._text: IO[str] | None = None
         self.lines: list[str] = []  # the last text lines, newest last
         self.keep = 1000
+        # records come from the loop, model workers and the supervisor's callbacks
+        self._lock = threading.Lock()
 
     def set(self, on: bool) -> None:
         self.enabled = on
@@ -370,6 +373,10 @@ class Tracer:
 
     def _emit(self, rec: dict[str, Any]) -> None:
         text = format_record(rec)
+        with self._lock:
+            self._write(rec, text)
+
+    def _write(self, rec: dict[str, Any], text: str) -> None:
         self.lines.append(text)
         if len(self.lines) > self.keep:
             del self.lines[: len(self.lines) - self.keep]
