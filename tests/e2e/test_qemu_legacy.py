@@ -297,8 +297,24 @@ def test_both_functions_system_reset_is_one_multi_device_hot_reset(
     for c in resets:  # legacy path: one group fd per dependent group
         assert c["request"]["count"] == 2 and c["request"]["argsz"] == 12 + 4 * 2, c
     # ... which are QEMU's own opens of /dev/vfio/13 and /dev/vfio/14 (the model
-    # refuses a reset whose fds do not cover every group of the dev_set)
+    # refuses a reset whose fds do not cover every group of the dev_set), shown in
+    # the trace with what they are
     assert len(run.qemu_fds_on("/vfio/13")) == 1 and len(run.qemu_fds_on("/vfio/14")) == 1
+    g13, g14 = run.qemu_fds_on("/vfio/13")[0], run.qemu_fds_on("/vfio/14")[0]
+    for c in resets:
+        assert sorted((e["fd"], e["path"], e["ref"]) for e in c["request"]["group_fds"]) == sorted(
+            [(g13, "/dev/vfio/13", "group 13"), (g14, "/dev/vfio/14", "group 14")]), c
+    # the device fds came from GROUP_GET_DEVICE_FD, answered by the supervisor, and
+    # the reset was made on one of them
+    getfd = run.calls("VFIO_GROUP_GET_DEVICE_FD")
+    assert sorted((c["request"], c["fd"], c["via"]) for c in getfd if c["errno"] is None) == [
+        (F0, g13, "supervisor"), (F1, g14, "supervisor")], getfd
+    device_opens = {c["new_open"]: c["result"] for c in getfd if c["errno"] is None}
+    assert all(device_opens.get(c["open"]) == c["fd"] for c in resets), (device_opens, resets)
+    assert sorted(device_opens.values()) == run.qemu_fds_on("/.fakedev/devfd")
+    infos_ok = [c for c in run.calls("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO") if c["errno"] is None]
+    assert all([(e["bdf"], e["group_id"]) for e in c["result_struct"]["devices"]] == [(F0, 13), (F1, 14)]
+               for c in infos_ok), infos_ok
     # QEMU looked at the dependencies first: both groups, both its own.
     deps = run.qemu_lines("vfio_pci_hot_reset_dep_devices")
     assert any(f"{F0} group 13" in d for d in deps) and any(f"{F1} group 14" in d for d in deps)
