@@ -52,3 +52,39 @@ def test_holders_summary() -> None:
         "  group 13: open by pid 7, in a container, DMA owned by container",
         "  group 14: free",
     ]
+
+
+def test_trace_record_decodes_as_the_tracer_prints_it() -> None:
+    from fakedev.cli.render import decode_trace_record
+
+    rec = {"op": "ioctl", "pid": 9, "fd": 4, "open": 2, "node": "vfio0",
+           "name": "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", "request": {"argsz": 28, "flags": 0, "count": 0},
+           "absent": [], "result_struct": {"argsz": 28, "flags": 3, "count": 2, "devices": [
+               {"bdf": "0000:01:00.0", "devid": 2}, {"bdf": "0000:01:00.1", "devid": 0}]},
+           "result": 0, "errno": None}
+    assert decode_trace_record(rec) == (
+        "[pid 9] VFIO_DEVICE_GET_PCI_HOT_RESET_INFO(fd=4 open#2 vfio0, {argsz=28, flags=0, count=0}) = 0"
+        " => {argsz=28, flags=0x3 (DEV_ID|DEV_ID_OWNED), count=2, devices=[0000:01:00.0 devid=2,"
+        " 0000:01:00.1 devid=VFIO_PCI_DEVID_OWNED]}")
+    reset = {"op": "ioctl", "pid": 9, "fd": 4, "open": 2, "node": "vfio0", "name": "VFIO_DEVICE_PCI_HOT_RESET",
+             "request": {"argsz": 20, "flags": 0, "count": 2, "group_fds": [
+                 {"fd": 5, "path": "/dev/vfio/13", "ref": "group 13"}, {"fd": 6, "path": "/dev/iommu",
+                                                                          "ref": "iommufd"}]},
+             "absent": [], "result_struct": {"argsz": 20, "flags": 0, "count": 2}, "result": None,
+             "errno": "EINVAL"}
+    assert decode_trace_record(reset) == (
+        "[pid 9] VFIO_DEVICE_PCI_HOT_RESET(fd=4 open#2 vfio0, {argsz=20, flags=0, count=2, group_fds=["
+        "fd 5 -> /dev/vfio/13 (group 13), fd 6 -> /dev/iommu (iommufd)]}) = -1 EINVAL")
+
+
+def test_trace_records_without_open_numbers_still_decode() -> None:
+    from fakedev.cli.render import decode_trace_record
+
+    assert decode_trace_record({"op": "ioctl", "pid": 1, "fd": None, "node": "13", "name": "VFIO_GROUP_SET_CONTAINER",
+                                "request": 3, "result_struct": None, "result": 0, "errno": None}) == (
+        "[pid 1] VFIO_GROUP_SET_CONTAINER(fd=? 13, [3]) = 0")
+    assert decode_trace_record({"op": "ioctl", "pid": 1, "fd": 3, "node": "vfio0", "name": "ioctl[0x3bff]",
+                                "arg": 0, "request": None, "result_struct": None, "result": None,
+                                "errno": "ENOTTY"}) == "[pid 1] ioctl[0x3bff](fd=3 vfio0, 0x0) = -1 ENOTTY"
+    assert decode_trace_record({"op": "write", "pid": 1, "node": "vfio0", "offset": 16, "size": 4,
+                                "result": 4, "errno": None}) == "[pid 1] pwrite(vfio0, 4, 0x10) = 4"
