@@ -225,10 +225,11 @@ def test_trace_file_and_trace_decode(hotreset: str, tmp_path: Path) -> None:
     assert d.returncode == 0, d.stderr
     calls = [line.split("] ", 1)[1].split("(", 1)[0] for line in d.stdout.splitlines()]
     assert calls == [
-        "IOMMU_IOAS_ALLOC",
-        "VFIO_DEVICE_BIND_IOMMUFD", "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
-        "VFIO_DEVICE_BIND_IOMMUFD", "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+        "open", "IOMMU_IOAS_ALLOC",
+        "open", "VFIO_DEVICE_BIND_IOMMUFD", "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+        "open", "VFIO_DEVICE_BIND_IOMMUFD", "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
         "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
         "VFIO_DEVICE_PCI_HOT_RESET",
+        "release", "release", "release",
     ]
-    assert d.stdout.splitlines()[-1].endswith("{argsz=12, flags=0, count=0}) = 0")
+    assert d.stdout.splitlines()[-4].endswith("{argsz=12, flags=0, count=0, group_fds=[]}) = 0")
