@@ -22,4 +22,6 @@ The facade is ``fakedev.kernel.kernel.Kernel``:
     k.dma_read(bdf, iova, n); k.dma_write(bdf, iova, data)  # via the IOMMU; EFAULT on a fault
     k.unplug_device(bdf)         # hot removal: REQ now, gone at the holder's last close
     k.unplug_tick(now)           # REQ again every 10 s while pending; -> next deadline
+    k.faults.add(parse_spec("call=VFIO_DEVICE_RESET,nth=1,errno=EIO"))  # fakedev.kernel.fault_inject
+    k.faults.ioctl(f, task, cmd, arg)   # f.ioctl with the armed faults (also .open/.read/.write)
 """
