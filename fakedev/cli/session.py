@@ -305,8 +305,10 @@ class RunSession:
             raise
         self.returncode = 128 - rc if rc < 0 else rc
         # The program is done: end what it left behind while the devices are
-        # still served, then stop the server (and everything else).
-        await self._end_leftovers()
+        # still served, then stop the server (and everything else). Shielded:
+        # bounded by the grace periods, and finished even if the server dies.
+        with trio.CancelScope(shield=True):
+            await self._end_leftovers()
         assert self._scope is not None
         self._scope.cancel()
 
