@@ -142,7 +142,9 @@ class DeviceFdHandler:
                 name = tracer.device_name(caller, arg) if traced else None
                 task = _BindingTask(caller, self.server, fh)
                 try:
-                    await trio.to_thread.run_sync(group.ioctl, task, VFIO_GROUP_GET_DEVICE_FD, arg)
+                    await trio.to_thread.run_sync(
+                        self.server.model_ioctl, group, task, VFIO_GROUP_GET_DEVICE_FD, arg
+                    )
                 except KernelError as exc:
                     if traced:
                         tracer.device_fd(call.tid, fd, group_fh, group, name, None, None, None, exc.errno)

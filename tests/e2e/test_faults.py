@@ -120,3 +120,24 @@ def test_unplug_after_a_call(hotreset: str, tmp_path: Path) -> None:
     s = json.loads(state.read_text())
     assert [d["bdf"] for d in s["devices"]] == [A]
     assert s["faults"]["unplugs"][0]["fired"] == 1
+
+
+def test_supervised_group_get_device_fd_goes_through_the_fault_plan(
+    hotreset: str, tmp_path: Path
+) -> None:
+    """GROUP_GET_DEVICE_FD answered by the seccomp supervisor is counted and
+    can be failed like any served call: the second one (01:00.1) fails
+    EMFILE, no fd is installed and the device is not left open."""
+    state = tmp_path / "state.json"
+    r = fakedev_run("dual-function-nic", _script(
+        hotreset,
+        f"@HOTRESET@ --legacy {A} {B}; echo status=$?",
+        f"cat $FAKEDEV_MOUNT/.fakedev/state.json > {state}",
+    ), extra=["--supervise", "--fault", "call=VFIO_GROUP_GET_DEVICE_FD,nth=2,errno=EMFILE"])
+    assert r.returncode == 0, r.stderr
+    assert "status=0" not in r.stdout, r.stdout
+    s = json.loads(state.read_text())
+    (inj,) = s["faults"]["injected"]
+    assert (inj["op"], inj["errno"]) == ("VFIO_GROUP_GET_DEVICE_FD", "EMFILE"), inj
+    assert _hot_resets(s) == []
+    assert all(d["open_count"] == 0 for d in s["devices"]), s["devices"]
