@@ -107,6 +107,9 @@ def _holders(state: Mapping[str, Any]) -> Iterator[str]:
                 held += f", attached to pt {dev['attached_pt']}"
         else:
             held = "free"
+        if "unplug_requests" in dev:
+            n = dev["unplug_requests"]
+            held += f", being removed (REQ signalled {n} time{'' if n == 1 else 's'})"
         yield f"  {name}: {held}"
     for grp in state.get("groups", []) or []:
         if not isinstance(grp, Mapping):
@@ -128,6 +131,25 @@ def render_state(state: Mapping[str, Any], *, source: str | None = None) -> str:
     if holders:
         lines.append("holders:")
         lines.extend(holders)
+    dma = state.get("dma")
+    if isinstance(dma, Mapping) and (dma.get("reads") or dma.get("writes") or dma.get("faults")):
+        lines.append(
+            f"dma: {dma.get('reads', 0)} reads ({dma.get('bytes_read', 0)} bytes), "
+            f"{dma.get('writes', 0)} writes ({dma.get('bytes_written', 0)} bytes), "
+            f"{dma.get('faults', 0)} faults"
+        )
+        for f in dma.get("recent_faults", []) or []:
+            if isinstance(f, Mapping):
+                lines.append("  fault: " + ", ".join(f"{k}={_scalar(v)}" for k, v in f.items()))
+    unplugs = state.get("unplugs")
+    if isinstance(unplugs, list) and unplugs:
+        lines.append("removals:")
+        for u in unplugs:
+            if isinstance(u, Mapping):
+                what = f"  {u.get('bdf', '?')}: {u.get('state', '?')}"
+                if u.get("waiting_for"):
+                    what += f", waiting for {u['waiting_for']} to be released"
+                lines.append(what)
     lines.extend(_plain(state))
     return "\n".join(lines)
 

@@ -88,3 +88,26 @@ def test_trace_records_without_open_numbers_still_decode() -> None:
                                 "errno": "ENOTTY"}) == "[pid 1] ioctl[0x3bff](fd=3 vfio0, 0x0) = -1 ENOTTY"
     assert decode_trace_record({"op": "write", "pid": 1, "node": "vfio0", "offset": 16, "size": 4,
                                 "result": 4, "errno": None}) == "[pid 1] pwrite(vfio0, 4, 0x10) = 4"
+
+
+def test_removals_and_dma_summary() -> None:
+    state = {
+        "devices": [
+            {"vfio": "vfio0", "bdf": "0000:01:00.0", "open_count": 1, "cdev_opened": True,
+             "opener_pid": 42, "unplug_requests": 2},
+        ],
+        "dma": {"reads": 1, "writes": 2, "bytes_read": 8, "bytes_written": 24, "faults": 1,
+                "recent_faults": [{"bdf": "0000:01:00.0", "iova": 4096, "reason": "unmapped"}]},
+        "unplugs": [{"bdf": "0000:01:00.0", "state": "waiting", "waiting_for": "0000:01:00.0"}],
+    }
+    lines = render_state(state).splitlines()
+    assert lines[:6] == [
+        "holders:",
+        "  vfio0 0000:01:00.0: open (cdev) by pid 42, being removed (REQ signalled 2 times)",
+        "dma: 1 reads (8 bytes), 2 writes (24 bytes), 1 faults",
+        "  fault: bdf=0000:01:00.0, iova=4096, reason=unmapped",
+        "removals:",
+        "  0000:01:00.0: waiting, waiting for 0000:01:00.0 to be released",
+    ]
+    quiet = render_state({"dma": {"reads": 0, "writes": 0, "faults": 0}, "unplugs": []})
+    assert not any(line.startswith(("dma: ", "removals:")) for line in quiet.splitlines())
