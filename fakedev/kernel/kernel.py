@@ -50,12 +50,21 @@ VFIO_GROUP_MAJOR = 243
 VFIO_DEV_MAJOR = 242
 #: vfio_unregister_group_dev() asks again after each wait of HZ * 10
 UNPLUG_REQUEST_INTERVAL = 10.0
+#: driver_set_override() refuses a value of PAGE_SIZE - 1 bytes or more
+PAGE_SIZE = 4096
+VFIO_PCI = "vfio-pci"
+#: PCI_ANY_ID in a dynamic id
+PCI_ANY_ID = 0xFFFFFFFF
+#: vfio_pci_dev_in_denylist(): Intel QAT (PF and VF) and SPR DSA/IAX
+_VFIO_PCI_DENYLIST = frozenset((0x8086, d) for d in (0x19E2, 0x19E3, 0x37C8, 0x37C9, 0x0435, 0x0443,
+                                                      0x0B25, 0x0CFE))
 
 __all__ = [
     "IOMMU_MINOR",
     "VFIO_DEV_MAJOR",
     "VFIO_GROUP_MAJOR",
     "VFIO_MINOR",
+    "Blocked",
     "Kernel",
     "KernelHooks",
     "PendingUnplug",
@@ -74,14 +83,99 @@ class PendingUnplug:
     release it is waiting for, asked ``device.request_count`` times so far.
     """
 
-    def __init__(self, pdev: PciDev, to_stop: list[PciDev]) -> None:
+    def __init__(self, pdev: PciDev, to_stop: list[PciDev], *, unbind: bool = False) -> None:
         self.pdev = pdev
         self.to_stop = to_stop
         self.device: VfioDevice | None = None
         self.next_request: float | None = None
+        #: an unbind (device_release_driver of ``pdev`` only; in ``Kernel.unbinds``,
+        #: each waiting on its own device lock) rather than a removal
+        self.unbind = unbind
+        #: set once finished (the waiting writer of a sysfs file may return)
+        self.done = False
 
     def __repr__(self) -> str:
-        return f"<PendingUnplug {self.pdev.name} waiting={self.device.name if self.device else None}>"
+        what = "PendingUnbind" if self.unbind else "PendingUnplug"
+        return f"<{what} {self.pdev.name} waiting={self.device.name if self.device else None}>"
+
+
+class Blocked:
+    """A sysfs write that has to wait: the writer sleeps until ``pending.done``.
+
+    ``retry``: the device lock was held by ``pending`` (an unbind or removal
+    waiting for a release); once it is done the write runs again from the
+    start (and may now fail, e.g. ENODEV). Otherwise the write itself
+    started ``pending`` and succeeds when it is done.
+    """
+
+    def __init__(self, pending: PendingUnplug, *, retry: bool) -> None:
+        self.pending = pending
+        self.retry = retry
+
+    def __repr__(self) -> str:
+        return f"<Blocked on {self.pending!r} retry={self.retry}>"
+
+
+def _name(data: bytes) -> str:
+    """A device name as bus_find_device_by_name() compares it (sysfs_streq: one trailing newline)."""
+    text = data.split(b"\0", 1)[0]
+    if text.endswith(b"\n"):
+        text = text[:-1]
+    return text.decode(errors="replace")
+
+
+def _kstrtoul(data: bytes) -> int:
+    """kstrtoul(buf, 0): an unsigned number (0x / 0 prefixes), one trailing newline; else EINVAL."""
+    text = data.split(b"\0", 1)[0].decode(errors="replace")
+    if text.endswith("\n"):
+        text = text[:-1]
+    text = text.removeprefix("+")
+    try:
+        if text[:2].lower() == "0x":
+            value = int(text[2:], 16)
+        elif len(text) > 1 and text[0] == "0":
+            value = int(text[1:], 8)
+        else:
+            value = int(text, 10)
+    except ValueError:
+        raise KernelError(errno.EINVAL, f"not a number: {text!r}") from None
+    if not text or value < 0 or not text[-1:].isalnum():
+        raise KernelError(errno.EINVAL, f"not a number: {text!r}")
+    return value
+
+
+def _hex_fields(data: bytes, most: int) -> list[int]:
+    """sscanf(buf, "%x %x ...") with up to ``most`` conversions: the fields read."""
+    out: list[int] = []
+    for word in data.split(b"\0", 1)[0].decode(errors="replace").split()[:most]:
+        digits = word[2:] if word[:2].lower() == "0x" else word
+        n = 0
+        while n < len(digits) and digits[n] in "0123456789abcdefABCDEF":
+            n += 1
+        if n == 0:
+            break
+        out.append(int(digits[:n], 16) & 0xFFFFFFFF)
+        if n < len(digits):
+            break
+    return out
+
+
+def _dynid(f: list[int]) -> tuple[int, int, int, int, int, int, int]:
+    """A pci_dynid from new_id / remove_id fields (subvendor and subdevice default to PCI_ANY_ID)."""
+    full = f + [PCI_ANY_ID, PCI_ANY_ID, 0, 0, 0][len(f) - 2:]
+    return (full[0], full[1], full[2], full[3], full[4], full[5], full[6] if len(full) > 6 else 0)
+
+
+def _dynid_match(d: tuple[int, ...], vendor: int, device: int, sv: int, sd: int, cls: int) -> bool:
+    """pci_match_one_device()."""
+    return ((d[0] == PCI_ANY_ID or d[0] == vendor) and (d[1] == PCI_ANY_ID or d[1] == device)
+            and (d[2] == PCI_ANY_ID or d[2] == sv) and (d[3] == PCI_ANY_ID or d[3] == sd)
+            and not ((d[4] ^ cls) & d[5]))
+
+
+def _vfio_pci_denylisted(pdev: PciDev) -> bool:
+    """vfio_pci_is_denylisted() with disable_denylist off."""
+    return (pdev.vendor, pdev.device) in _VFIO_PCI_DENYLIST
 
 
 def pci_stop_order(pdev: PciDev) -> list[PciDev]:
@@ -128,6 +222,17 @@ class Kernel:
         #: vfio groups removed from the system whose group file is still open
         self._dead_groups: list[VfioGroup] = []
         self.vfio.on_registration_released = self._registration_released
+        #: unbinds waiting for a release (one per device: each holds its device lock)
+        self.unbinds: list[PendingUnplug] = []
+        #: each function's driver in the tree: the host driver whose id table matches it
+        self.native_drivers: dict[str, str | None] = {p.name: p.driver for p in topology.devices()}
+        #: the PCI drivers, in registration order (the tree's host drivers, then vfio-pci)
+        host = {p.driver for p in topology.devices() if p.driver is not None} - {VFIO_PCI}
+        self.drivers: list[str] = [*sorted(host), VFIO_PCI]
+        #: driver_override per function (absent: "(null)")
+        self.driver_override: dict[str, str] = {}
+        #: dynamic ids (new_id) per driver: (vendor, device, subvendor, subdevice, class, mask, data)
+        self.dynids: dict[str, list[tuple[int, int, int, int, int, int, int]]] = {}
         for pdev in topology.devices():
             if pdev.driver == "vfio-pci" and pdev.iommu_group is not None:
                 self._vfio_pci_probe(pdev)
@@ -155,47 +260,277 @@ class Kernel:
         return dev
 
     def unbind_driver(self, bdf: str) -> None:
-        """Write of ``bdf`` to .../driver/unbind.
+        """Unbind ``bdf`` from its driver, without waiting (the try form).
 
-        For vfio-pci this is vfio_pci_remove(): while the device is open (or a
-        cdev fd is open) the kernel waits, asking the user to let go through the
-        REQ eventfd; the model signals REQ and answers EBUSY instead of blocking.
+        For vfio-pci while a file holds the device this signals REQ (as
+        vfio_pci_remove() would) and fails EBUSY, changing nothing else; the
+        form that waits as the kernel's does is ``unbind_store``.
         """
         pdev = self.topology.find(bdf)
         if pdev is None or pdev.driver is None:
             raise KernelError(errno.ENODEV, f"{bdf} is not bound")
-        if pdev.driver == "vfio-pci":
+        if pdev.driver == VFIO_PCI:
             dev = self.vfio.device_of(pdev)
             if dev is not None:
-                if dev.open_count or dev.cdev_files:
+                if vfio_device_registration_held(dev):
                     if isinstance(dev, VfioPciDevice):
                         dev.irqs.raise_irq(4)  # vfio_pci_core_request()
                     raise KernelError(errno.EBUSY, f"{bdf} is in use")
-                self.vfio.devices.remove(dev)
-                dev.group.devices.remove(dev)
-                if not dev.group.devices:
-                    del self.vfio.groups[dev.group.id]
-                dev.dev_set.device_list.remove(dev)
-                if not dev.dev_set.device_list:
-                    self.vfio.dev_sets.remove(dev.dev_set)
+                self._vfio_unregister_finish(dev)
         pdev.driver = None
 
     def bind_driver(self, bdf: str, driver: str) -> None:
-        """Write of ``bdf`` to /sys/bus/pci/drivers/<driver>/bind (probe)."""
+        """Attach ``driver`` to the unbound ``bdf`` whatever the id tables say
+        (device_driver_attach() without driver_match_device()); ENODEV if
+        ``bdf`` is bound or gone, else the probe's errno (``bind_store`` is the
+        sysfs form, with matching)."""
         pdev = self.topology.find(bdf)
         if pdev is None or pdev.driver is not None:
             raise KernelError(errno.ENODEV, f"{bdf} is not an unbound device")
+        err = self._driver_probe_device(driver, pdev)
+        if err:
+            raise KernelError(abs(err), f"probe of {bdf} by {driver} failed")
+
+    # -- the driver core's sysfs files (drivers/base/bus.c, dd.c, pci-driver.c) ---------
+    def driver_override_show(self, bdf: str) -> str:
+        """driver_override_show(): the override and a newline, or ``(null)``."""
+        self._find(bdf)
+        return f"{self.driver_override.get(bdf, '(null)')}\n"
+
+    def driver_override_store(self, bdf: str, data: bytes) -> int:
+        """driver_override_store() -> driver_set_override(): up to the first
+        NUL and newline; empty (or a leading newline) clears; EINVAL from one
+        page less one byte on. Takes effect at the next probe only."""
+        self._find(bdf)
+        if len(data) >= PAGE_SIZE - 1:
+            raise KernelError(errno.EINVAL, "driver_override too long")
+        text = data.split(b"\0", 1)[0].split(b"\n", 1)[0]
+        if not text:
+            self.driver_override.pop(bdf, None)
+        else:
+            self.driver_override[bdf] = text.decode(errors="surrogateescape")
+        return len(data)
+
+    def bind_store(self, driver: str, data: bytes) -> int | Blocked:
+        """/sys/bus/pci/drivers/<driver>/bind (bind_store()): ENODEV unless the
+        function exists and the driver matches it (driver_match_device), then
+        device_driver_attach(): EBUSY if it has a driver, EBUSY from
+        pci_dma_configure() for a host driver while a user owns the iommu
+        group, the probe's errno (vfio-pci: EINVAL for a bridge or a function
+        without an iommu group)."""
+        self._check_driver(driver)
+        pdev = self._lookup(data)
+        if pdev is None or not self._driver_match(driver, pdev):
+            raise KernelError(errno.ENODEV, f"{driver} does not match {_name(data)}")
+        held = self._device_lock_holder(pdev)
+        if held is not None:
+            return Blocked(held, retry=True)
+        err = self._driver_probe_device(driver, pdev)
+        if err:
+            raise KernelError(abs(err), f"probe of {pdev.name} by {driver} failed")
+        return len(data)
+
+    def unbind_store(self, driver: str, data: bytes) -> int | Blocked:
+        """/sys/bus/pci/drivers/<driver>/unbind (unbind_store()): ENODEV unless
+        ``driver`` drives the function; then device_driver_detach(). For
+        vfio-pci, vfio_unregister_group_dev(): while a file holds the device
+        the write waits (``Blocked``), REQ signalled at once and every 10 s
+        (``unplug_tick``); the device stays usable by its holders, new opens
+        fail ENODEV, and the unbind completes at the last close."""
+        self._check_driver(driver)
+        pdev = self._lookup(data)
+        if pdev is None or pdev.driver != driver:
+            raise KernelError(errno.ENODEV, f"{_name(data)} is not bound to {driver}")
+        held = self._device_lock_holder(pdev)
+        if held is not None:
+            return Blocked(held, retry=True)
+        pending = self._device_release_driver(pdev)
+        if pending is not None:
+            return Blocked(pending, retry=False)
+        return len(data)
+
+    def drivers_probe_store(self, data: bytes) -> int | Blocked:
+        """/sys/bus/pci/drivers_probe (drivers_probe_store()): ENODEV for an
+        unknown function; an unbound one is offered to each driver in
+        registration order (device_attach()): the first that matches and
+        probes wins, a failed probe lets the next try, no match is success;
+        an error that is not a probe failure (EBUSY from the iommu group
+        ownership) ends it and the write fails EINVAL."""
+        pdev = self._lookup(data)
+        if pdev is None:
+            raise KernelError(errno.ENODEV, f"no PCI device {_name(data)}")
+        held = self._device_lock_holder(pdev)
+        if held is not None:
+            return Blocked(held, retry=True)
+        if pdev.driver is None:
+            for driver in self.drivers:
+                if not self._driver_match(driver, pdev):
+                    continue
+                err = self._driver_probe_device(driver, pdev)
+                if err < 0:
+                    raise KernelError(errno.EINVAL, f"probe of {pdev.name} by {driver}: {-err}")
+                if err == 0:
+                    break
+        return len(data)
+
+    def new_id_store(self, driver: str, data: bytes) -> int:
+        """new_id_store(): "vendor device [subvendor subdevice class class_mask
+        driver_data]" in hex; EINVAL below two fields, EEXIST if a dynamic id
+        already matches; then driver_attach() offers every unbound function."""
+        self._check_driver(driver)
+        f = _hex_fields(data, 7)
+        if len(f) < 2:
+            raise KernelError(errno.EINVAL, "new_id needs vendor and device")
+        dynid = _dynid(f)
+        if len(f) != 7 and any(_dynid_match(d, dynid[0], dynid[1], dynid[2], dynid[3], dynid[4])
+                               for d in self.dynids.get(driver, [])):
+            raise KernelError(errno.EEXIST, "id already known")
+        self.dynids.setdefault(driver, []).append(dynid)
+        for pdev in list(self.topology.devices()):  # driver_attach()
+            if pdev.driver is None and self._driver_match(driver, pdev) \
+                    and self._device_lock_holder(pdev) is None:
+                self._driver_probe_device(driver, pdev)
+        return len(data)
+
+    def remove_id_store(self, driver: str, data: bytes) -> int:
+        """remove_id_store(): ENODEV unless that exact dynamic id exists; EINVAL below two fields."""
+        self._check_driver(driver)
+        f = _hex_fields(data, 6)
+        if len(f) < 2:
+            raise KernelError(errno.EINVAL, "remove_id needs vendor and device")
+        want = _dynid(f)
+        ids = self.dynids.get(driver, [])
+        for d in ids:
+            if d[:6] == want[:6]:
+                ids.remove(d)
+                return len(data)
+        raise KernelError(errno.ENODEV, "no such id")
+
+    def reset_store(self, bdf: str, data: bytes, pid: int | None = None) -> int | Blocked:
+        """/sys/bus/pci/devices/<bdf>/reset (reset_store()): "1" runs
+        pci_reset_function() with the first working method (ENOTTY: none),
+        recorded in the reset log with cause "sysfs"; other values EINVAL."""
+        pdev = self._find(bdf)
+        if _kstrtoul(data) != 1:
+            raise KernelError(errno.EINVAL, "reset takes 1")
+        held = self._device_lock_holder(pdev)
+        if held is not None:
+            return Blocked(held, retry=True)
+        dev = self.vfio.device_of(pdev)
+        if isinstance(dev, VfioPciDevice):
+            dev._do_function_reset("sysfs", pid)
+            return len(data)
+        from fakedev.kernel.vfio.pci.vfio_pci_core import function_reset_method
+
+        method = function_reset_method(pdev)
+        if method is None:
+            raise KernelError(errno.ENOTTY, f"{bdf}: no reset method")
+        self.vfio.record_reset(pdev, method, "sysfs", pid)
+        return len(data)
+
+    def remove_store(self, bdf: str, data: bytes) -> int | Blocked:
+        """/sys/bus/pci/devices/<bdf>/remove (remove_store()): a non-zero number
+        removes the function (``unplug_device``); the write waits until the
+        removal is done. EINVAL for what is not a number; 0 does nothing."""
+        pdev = self._find(bdf)
+        if not _kstrtoul(data):
+            return len(data)
+        self.unplug_device(bdf)
+        for u in self.unplugs:
+            if u.pdev is pdev:
+                return Blocked(u, retry=False)
+        return len(data)
+
+    def _find(self, bdf: str) -> PciDev:
+        pdev = self.topology.find(bdf)
+        if pdev is None:
+            raise KernelError(errno.ENODEV, f"no PCI device {bdf}")
+        return pdev
+
+    def _lookup(self, data: bytes) -> PciDev | None:
+        """bus_find_device_by_name(): the name as sysfs_streq compares it (one trailing newline ignored)."""
+        return self.topology.find(_name(data))
+
+    def _check_driver(self, driver: str) -> None:
+        if driver not in self.drivers:
+            raise KernelError(errno.ENOENT, f"no driver {driver}")
+
+    def _driver_match(self, driver: str, pdev: PciDev) -> bool:
+        """pci_bus_match() -> pci_match_device(): an override admits only the
+        driver it names (and always that one); else the dynamic ids, then the
+        static table: vfio-pci's matches only with an override; a host
+        driver's is modelled as the function it drives in the tree."""
+        override = self.driver_override.get(pdev.name)
+        if override is not None and override != driver:
+            return False
+        sv, sd = (pdev.cfg_read(0x2C, 2), pdev.cfg_read(0x2E, 2)) if pdev.header_type == 0 else (0, 0)
+        for d in self.dynids.get(driver, []):
+            if _dynid_match(d, pdev.vendor, pdev.device, sv, sd, pdev.class_code):
+                return True
+        if override is not None:
+            return True
+        return driver != VFIO_PCI and self.native_drivers.get(pdev.name) == driver
+
+    def _device_lock_holder(self, pdev: PciDev) -> PendingUnplug | None:
+        """The waiting unbind or removal holding device_lock(pdev), if any."""
+        for u in self.unbinds:
+            if u.pdev is pdev:
+                return u
+        if self.unplugs and self.unplugs[0].device is not None and self.unplugs[0].device.pdev is pdev:
+            return self.unplugs[0]
+        return None
+
+    def _driver_probe_device(self, driver: str, pdev: PciDev) -> int:
+        """__driver_probe_device() -> really_probe(), with the kernel's signs:
+        0 bound; negative: not probed (-ENODEV gone, -EBUSY already bound or
+        pci_dma_configure() refused: iommu_device_use_default_domain() while
+        a user owns the group); positive: the driver's probe failed."""
+        if not self._in_topology(pdev):
+            return -errno.ENODEV
+        if pdev.driver is not None:
+            return -errno.EBUSY
         ig = self.iommu_groups.get(pdev.iommu_group) if pdev.iommu_group is not None else None
-        if driver == "vfio-pci":
-            if ig is None:
-                raise KernelError(errno.EINVAL, f"{bdf} has no iommu group")
+        if driver not in DRIVER_MANAGED_DMA and ig is not None and ig.user_owned:
+            return -errno.EBUSY
+        if driver == VFIO_PCI:
+            # vfio_pci_probe(): the denylist, then vfio_pci_core_register_device()
+            if _vfio_pci_denylisted(pdev) or pdev.header_type != 0 or ig is None:
+                return errno.EINVAL
             pdev.driver = driver
             self._vfio_pci_probe(pdev)
-            return
-        if driver not in DRIVER_MANAGED_DMA and ig is not None and ig.user_owned:
-            # iommu_device_use_default_domain(): the group is owned by a user
-            raise KernelError(errno.EBUSY, f"iommu group {ig.id} is owned by a user")
+            return 0
         pdev.driver = driver
+        return 0
+
+    def _device_release_driver(self, pdev: PciDev) -> PendingUnplug | None:
+        """device_release_driver(): for vfio-pci, vfio_pci_remove() ->
+        vfio_unregister_group_dev(): no new opens, REQ while held; returns the
+        pending unbind while a file holds the device, None when done."""
+        dev = self.vfio.device_of(pdev) if pdev.driver == VFIO_PCI else None
+        if dev is not None:
+            dev.unregistering = True
+            dev.request_count = 0
+            if vfio_device_registration_held(dev):
+                u = PendingUnplug(pdev, [pdev], unbind=True)
+                u.device = dev
+                self.unbinds.append(u)
+                dev.request(dev.request_count)
+                dev.request_count += 1
+                u.next_request = self.unplug_clock() + UNPLUG_REQUEST_INTERVAL
+                return u
+            self._vfio_unregister_finish(dev)
+        pdev.driver = None
+        return None
+
+    def _unbind_released(self, dev: VfioDevice) -> None:
+        """A waiting unbind's device was released: finish it."""
+        for u in [u for u in self.unbinds if u.device is dev]:
+            self.unbinds.remove(u)
+            self._vfio_unregister_finish(dev)
+            u.pdev.driver = None
+            u.device = None
+            u.next_request = None
+            u.done = True
 
     # -- hot removal ------------------------------------------------------------------
     def unplug_device(self, bdf: str) -> None:
@@ -223,20 +558,25 @@ class Kernel:
         """The re-request timer: at each 10 s wait that timed out, ops->request
         again with the next count. Returns when it next needs a tick (None:
         nothing pending)."""
-        if not self.unplugs:
-            return None
         now = self.unplug_clock() if now is None else now
-        u = self.unplugs[0]
-        dev = u.device
-        if dev is None:
-            return None
-        if u.next_request is None:
-            u.next_request = now + UNPLUG_REQUEST_INTERVAL
-        elif now >= u.next_request:
-            dev.request(dev.request_count)
-            dev.request_count += 1
-            u.next_request = now + UNPLUG_REQUEST_INTERVAL
-        return u.next_request
+        waits = list(self.unbinds)
+        if self.unplugs:
+            head = self.unplugs[0]
+            if head.device is not None and not any(b.device is head.device for b in self.unbinds):
+                waits.append(head)  # (a device being unbound is asked by its unbind)
+        nxt: float | None = None
+        for u in waits:
+            dev = u.device
+            if dev is None:
+                continue
+            if u.next_request is None:
+                u.next_request = now + UNPLUG_REQUEST_INTERVAL
+            elif now >= u.next_request:
+                dev.request(dev.request_count)
+                dev.request_count += 1
+                u.next_request = now + UNPLUG_REQUEST_INTERVAL
+            nxt = u.next_request if nxt is None else min(nxt, u.next_request)
+        return nxt
 
     def set_unplug_clock(self, clock: Callable[[], float]) -> None:
         """Use ``clock`` (seconds) for the REQ re-request timer (a server's real clock)."""
@@ -248,7 +588,8 @@ class Kernel:
         return pdev is not None and any(pdev in u.to_stop for u in self.unplugs)
 
     def _registration_released(self, dev: VfioDevice) -> None:
-        """complete(&device->comp): the waiting removal goes on."""
+        """complete(&device->comp): the waiting unbind and removal go on."""
+        self._unbind_released(dev)
         if self.unplugs and self.unplugs[0].device is dev:
             self._unplug_run()
 
@@ -259,6 +600,7 @@ class Kernel:
             if not self._unplug_advance(u):
                 return
             self.unplugs.pop(0)
+            u.done = True
 
     def _unplug_advance(self, u: PendingUnplug) -> bool:
         """pci_stop_bus_device() then pci_remove_bus_device(); False while waiting."""
@@ -269,6 +611,11 @@ class Kernel:
                 continue
             dev = self.vfio.device_of(pdev) if pdev.driver == "vfio-pci" else None
             if dev is not None:
+                if any(b.device is dev for b in self.unbinds):
+                    # an unbind holds the device lock: wait for it, asking nothing
+                    u.device = dev
+                    u.next_request = None
+                    return False
                 if not dev.unregistering:
                     # vfio_unregister_group_dev(): drop the driver's reference
                     dev.unregistering = True
@@ -506,12 +853,18 @@ class Kernel:
         out: list[str] = []
         present = {id(p) for p in self.topology.devices()}
         waiting = self.unplugs[0].device if self.unplugs else None
+        unbinding = {id(u.device) for u in self.unbinds if u.device is not None}
+        for u in self.unbinds:
+            if u.device is None or u.device not in self.vfio.devices:
+                out.append(f"unbind of {u.pdev.name} pending without its vfio device")
+            elif not vfio_device_registration_held(u.device):
+                out.append(f"{u.pdev.name}: an unbind waits but no file holds it")
         for d in self.vfio.devices:
             if id(d.pdev) not in present:
                 out.append(f"vfio{d.index}: {d.name} is no longer on the bus")
             if d.pdev.driver != "vfio-pci":
                 out.append(f"vfio{d.index}: {d.name} is bound to {d.pdev.driver!r}")
-            if d.unregistering and d is not waiting:
+            if d.unregistering and d is not waiting and id(d) not in unbinding:
                 out.append(f"{d.name}: unregistering but no removal waits for it")
             if d.dev_set not in self.vfio.dev_sets or d not in d.dev_set.device_list:
                 out.append(f"{d.name}: not in its dev_set")
@@ -593,6 +946,13 @@ class Kernel:
                 "requests": u.device.request_count if u.device is not None else 0,
                 "next_request": u.next_request,
             } for i, u in enumerate(self.unplugs)],
+            "unbinds": [{
+                "bdf": u.pdev.name,
+                "waiting_for": u.device.name if u.device is not None else None,
+                "requests": u.device.request_count if u.device is not None else 0,
+                "next_request": u.next_request,
+            } for u in self.unbinds],
+            "driver_override": dict(self.driver_override),
             "resets": len(self.vfio.reset_log),
             "reset_log": [{"bdf": r.bdf, "method": r.method, "cause": r.cause, "pid": r.pid} for r in self.vfio.reset_log],
             "faults": self.faults.describe(),
