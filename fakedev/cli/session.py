@@ -25,6 +25,7 @@ the run outlives ``fakedev run``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import signal
@@ -166,6 +167,46 @@ def unplace_node(rel: str, dev: Path = Path("/dev")) -> None:
         pass
 
 
+def place_node(staging: namespace.Staging, rel: str, dev: Path = Path("/dev")) -> None:
+    """A served node appeared (a bind to vfio-pci): put it at ``dev/rel`` in
+    our private ``dev``, as ``place_dev`` placed the first ones."""
+    target = dev / rel
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.touch()
+        namespace.bind(staging.fuse_dir / rel, target)
+    except OSError as exc:
+        print(f"fakedev: cannot place /dev/{rel}: {exc}", file=sys.stderr, flush=True)
+
+
+def place_sysfs_attributes(staging: namespace.Staging, attrs: Sequence[Any]) -> int:
+    """Bind each served writable attribute (``SysAttr``) over its file in the
+    generated sysfs (before that is placed at /sys: the recursive binds
+    carry these mounts along). Returns how many were placed."""
+    placed = 0
+    for attr in attrs:
+        target = staging.sys_dir / "sys" / attr.sys_rel
+        if not target.is_file():
+            continue
+        namespace.bind(staging.fuse_dir / attr.fuse_rel, target)
+        placed += 1
+    return placed
+
+
+def unmount_under(staging: namespace.Staging, sys_rel: str, sys: Path = Path("/sys")) -> None:
+    """Unmount what is mounted inside the sysfs directory ``sys_rel`` (a
+    removed function's attribute files), at /sys and in the staging copy,
+    so the directory can be removed."""
+    prefixes = (f"{sys / sys_rel}/", f"{staging.sys_dir / 'sys' / sys_rel}/")
+    points = [m.mountpoint for m in namespace.read_mountinfo() if m.mountpoint.startswith(prefixes)]
+    for point in sorted(points, key=len, reverse=True):
+        try:
+            namespace.umount(point, namespace.MNT_DETACH)
+        except OSError:
+            pass
+
+
 class OwnedNodes:
     """``kernel`` with every node owned by ``uid``/``gid``: in rootless mode
     the caller stands where an administrator would have chowned the nodes to
@@ -215,6 +256,10 @@ class RunSession:
         if hasattr(self.server, "sysfs_root"):  # unplugged devices leave both
             self.server.sysfs_root = staging.sys_dir
             self.server.node_removed_hooks.append(unplace_node)
+        if hasattr(self.server, "sysfs_attributes"):  # writes reach the model
+            place_sysfs_attributes(staging, self.server.sysfs_attributes())
+            self.server.node_added_hooks.append(functools.partial(place_node, staging))
+            self.server.sysfs_removing_hooks.append(functools.partial(unmount_under, staging))
         namespace.place_sysfs(staging, staging.sys_dir / "sys")
 
     async def run(self) -> int:

@@ -140,6 +140,15 @@ class Server:
         #: went, before the kernel's caches are told: who placed the node elsewhere
         #: (``fakedev run``'s private /dev) takes it away there
         self.node_removed_hooks: list[Callable[[str], None]] = []
+        #: called (in a worker thread, after the node is served) with the path
+        #: under /dev of each node that appeared (a bind to vfio-pci)
+        self.node_added_hooks: list[Callable[[str], None]] = []
+        #: called (in a worker thread) with the path relative to /sys of each
+        #: function directory about to be removed from the generated sysfs,
+        #: before it is: who mounted files in it (``fakedev run``) unmounts them
+        self.sysfs_removing_hooks: list[Callable[[str], None]] = []
+        #: the writable sysfs attributes served under .fakedev/sysfs, by inode
+        self._sysattrs: dict[int, SYS.SysAttr] = {}
         self._unplug_timer_on = False
         self._unplug_wake = trio.Event()
         plan = getattr(kernel, "faults", None)
@@ -299,6 +308,11 @@ class Server:
         # opened by this process only (the supervisor): owned by whoever serves,
         # the caller's own uid in a rootless run
         add(d, "devfd", mode=P.S_IFREG | 0o600, uid=os.geteuid(), gid=os.getegid(), control="devfd")
+        self._sysattrs = {}
+        for attr in self.sysfs_attributes():
+            d, leaf = dirs(attr.fuse_rel)
+            n = add(d, leaf, mode=P.S_IFREG | attr.mode, uid=os.geteuid(), gid=os.getegid(), control="sysfs")
+            self._sysattrs[n.ino] = attr
         self._nodes = nodes
         self._devnodes = devnodes
         self._next_ino = len(nodes) + 1
@@ -395,7 +409,7 @@ class Server:
         n = self._nodes.get(req.nodeid)
         if n is None:
             return P.reply_error(req.unique, errno.ENOENT)
-        if n.control not in ("trace", "control"):  # only truncation of a switch (echo on > trace)
+        if n.control not in ("trace", "control", "sysfs"):  # only truncation (echo on > trace)
             return P.reply_error(req.unique, errno.EPERM)
         return P.reply_attr(req.unique, n.attr, attr_valid=60.0)
 
@@ -465,6 +479,10 @@ class Server:
                 return P.reply_open(req.unique, fh, P.FOPEN_DIRECT_IO)
 
             return self._model(req, fn)
+        if n.control == "sysfs":
+            attr = self._sysattrs[n.ino]
+            if req.flags & os.O_ACCMODE != os.O_WRONLY and not attr.mode & 0o444:
+                return P.reply_error(req.unique, errno.EACCES)  # kernfs: no show method
         fh = self._new_fh()
         if n.control == "devfd":
             self._unbound.add(fh)
@@ -483,7 +501,7 @@ class Server:
             self._paths.pop(fh, None)
             self._pollers.pop(fh, None)
             self.releases += 1
-            pending = bool(getattr(self.kernel, "unplugs", None))
+            pending = bool(getattr(self.kernel, "unplugs", None) or getattr(self.kernel, "unbinds", None))
             f.release()
             if pending:  # this close may have let a removal complete
                 self.refresh_nodes()
@@ -497,6 +515,8 @@ class Server:
 
     def _h_read(self, req: P.ReadRequest) -> bytes | Deferred:
         c = self._controls.get(req.fh)
+        if c is not None and c.node.control == "sysfs":
+            return self._read_sysattr(req, self._sysattrs[c.node.ino])
         if c is not None:
             data = (b"on\n" if self.tracer.enabled else b"off\n") if c.node.control == "trace" else c.data
             return P.reply_data(req.unique, data[req.offset:req.offset + req.size])
@@ -528,6 +548,8 @@ class Server:
         if c is not None:
             if c.node.control == "control":
                 return self._write_control(req, c)
+            if c.node.control == "sysfs":
+                return self._write_sysattr(req, self._sysattrs[c.node.ino])
             if c.node.control != "trace":
                 return P.reply_error(req.unique, errno.EBADF)
             word = req.data.strip().decode(errors="replace")
@@ -760,6 +782,7 @@ class Server:
             # a model call in a worker thread (it holds the lock): the tree is the loop's
             trio.from_thread.run_sync(self.refresh_nodes)
             return
+        self._sync_sysfs()  # first: what sees a node go finds its sysfs gone too
         wanted: dict[str, DevNode] = {dn.path: dn for dn in self.kernel.nodes()}
         have: dict[str, _Node] = {n.devpath: n for n in self._nodes.values() if n.devpath is not None}
         touched: set[int] = set()
@@ -769,9 +792,10 @@ class Server:
         for path, dn in wanted.items():
             if path not in have:
                 self._add_devnode(dn, touched)
+                for hook in self.node_added_hooks:
+                    self._queue_notify(functools.partial(hook, path))
         for ino in sorted(touched):
             self._queue_notify(P.notify_inval_inode(ino))
-        self._sync_sysfs()
 
     def _drop_node(self, n: _Node, touched: set[int]) -> None:
         """Take ``n`` out of the tree (and a node-made directory left empty)."""
@@ -824,18 +848,124 @@ class Server:
         return SYS.sysfs_view(topology, self.kernel.nodes(), index)
 
     def _sync_sysfs(self) -> None:
+        """Bring the generated sysfs in step with the model (``SYS.update_sysfs``).
+
+        Serving, it runs in the notifier's worker thread, in order with the
+        node hooks and cache invalidations queued after it (files bind-mounted
+        in a removed function's directory must be unmounted first, and an
+        unmount may need this loop); else at once."""
         before = self._sysfs_view
         after = self._current_sysfs_view()
         self._sysfs_view = after
-        if self.sysfs_root is None or before is None or after is None:
+        root = self.sysfs_root
+        if root is None or before is None or after is None:
             return
+        apply = functools.partial(self._apply_sysfs, root, before, after, list(self.kernel.nodes()))
+        if self._bg is None:
+            apply()
+        else:
+            self._queue_notify(apply)
+
+    def _apply_sysfs(self, root: Path, before: SYS.SysfsView, after: SYS.SysfsView,
+                     nodes: list[DevNode]) -> None:
+        for bdf, fn in before.functions.items():
+            if bdf not in after.functions:
+                for hook in self.sysfs_removing_hooks:
+                    try:
+                        hook(SYS.device_path(fn.dev))
+                    except Exception:
+                        log.exception("sysfs removal hook for %s", bdf)
         try:
-            gone = SYS.remove_vanished(self.sysfs_root, before, after)
+            changed = SYS.update_sysfs(root, before, after, nodes)
         except OSError:
-            log.exception("updating the sysfs at %s", self.sysfs_root)
+            log.exception("updating the sysfs at %s", root)
             return
-        if gone:
-            log.debug("sysfs: removed %s", ", ".join(gone))
+        if changed:
+            log.debug("sysfs: %s", ", ".join(changed))
+
+    # -- writable sysfs attributes (.fakedev/sysfs) ------------------------------------
+    def sysfs_attributes(self) -> list[SYS.SysAttr]:
+        """The writable attributes this server serves (none for a model without a driver core)."""
+        topology = getattr(self.kernel, "topology", None)
+        drivers = getattr(self.kernel, "drivers", None)
+        if topology is None or drivers is None or not hasattr(self.kernel, "bind_store"):
+            return []
+        return SYS.writable_attributes(topology, list(drivers))
+
+    def _read_sysattr(self, req: P.ReadRequest, attr: SYS.SysAttr) -> bytes | Deferred:
+        def fn(task: ProcessTask) -> bytes:
+            k: Any = self.kernel
+            data = k.driver_override_show(attr.arg).encode() if attr.kind == "driver_override" else b""
+            return P.reply_data(req.unique, data[req.offset:req.offset + req.size])
+
+        return self._model(req, fn)
+
+    def _sysattr_store(self, attr: SYS.SysAttr, data: bytes, pid: int) -> Any:
+        """The model's store for ``attr`` (model lock held): an int, or a ``Blocked``."""
+        k: Any = self.kernel
+        set_clock = getattr(k, "set_unplug_clock", None)
+        if set_clock is not None:
+            set_clock(time.monotonic)
+        kind, arg = attr.kind, attr.arg
+        if kind == "driver_override":
+            return k.driver_override_store(arg, data)
+        if kind == "drivers_probe":
+            return k.drivers_probe_store(data)
+        if kind == "reset":
+            return k.reset_store(arg, data, pid)
+        if kind == "remove":
+            return k.remove_store(arg, data)
+        store = getattr(k, f"{kind}_store")
+        return store(arg, data)
+
+    def _write_sysattr(self, req: P.WriteRequest, attr: SYS.SysAttr) -> Deferred:
+        """A write to a sysfs attribute. It returns when the kernel's would: at
+        once, or (an unbind or remove of a vfio-pci device a file holds, or any
+        write waiting for that device's lock) when the device is released,
+        the REQ timer asking meanwhile. The writer's fatal signal ends the wait
+        with EINTR (the unbind stays pending, as the kernel's does once its
+        wait was interrupted), so a killed writer never hangs in the FUSE
+        request; the reply is sent once the nodes and sysfs show the change."""
+        data = bytes(req.data)
+        unique, tid = req.unique, req.pid
+
+        async def run() -> bytes:
+            while True:
+                async with self.lock:
+                    try:
+                        res = self._sysattr_store(attr, data, tid)
+                    except KernelError as e:
+                        return P.reply_error(unique, e.errno)
+                    except Exception:
+                        self.unexpected_errors += 1
+                        log.exception("sysfs %s %s failed on %r", attr.kind, attr.arg, data)
+                        return P.reply_error(unique, errno.EIO)
+                    self.refresh_nodes()
+                    if getattr(self.kernel, "unplugs", None) or getattr(self.kernel, "unbinds", None):
+                        self._start_unplug_timer()
+                    self._poke_pollers()
+                pending = getattr(res, "pending", None)
+                if pending is None:
+                    await self._notified()
+                    return P.reply_write(unique, len(data))
+                while not pending.done:
+                    if _fatal_signal_pending(tid):
+                        return P.reply_error(unique, errno.EINTR)
+                    await trio.sleep(SYSFS_WAIT_POLL)
+                if not res.retry:
+                    await self._notified()
+                    return P.reply_write(unique, len(data))
+
+        return run
+
+    async def _notified(self) -> None:
+        """Wait until what is queued for the notifier (node hooks, sysfs) is done (10 s at most)."""
+        if self._bg is None:
+            return
+        done = trio.Event()
+        self._queue_notify(functools.partial(trio.from_thread.run_sync, done.set))
+        with trio.move_on_after(10.0):
+            await done.wait()
 
     def _queue_notify(self, msg: bytes | Callable[[], None]) -> None:
         if self._bg is None:
@@ -902,6 +1032,25 @@ class Server:
         if req.pid not in self._worker_tids and not os.path.exists(f"/proc/self/task/{req.pid}"):
             return P.reply_error(req.unique, errno.ENOTTY)
         return P.reply_ioctl(req.unique, req.fh)
+
+
+#: how often a write waiting for a release looks at the writer's signals
+SYSFS_WAIT_POLL = 0.1
+SIGKILL_MASK = 1 << 8  # bit (SIGKILL - 1) of /proc/<tid>/status SigPnd/ShdPnd
+
+
+def _fatal_signal_pending(tid: int) -> bool:
+    """True if thread ``tid`` is gone or has a fatal signal pending (the kernel
+    marks a fatal signal as SIGKILL pending on every thread it kills)."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            text = f.read()
+    except OSError:
+        return True
+    for line in text.splitlines():
+        if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & SIGKILL_MASK:
+            return True
+    return False
 
 
 def _on_trio_thread() -> bool:

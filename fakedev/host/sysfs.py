@@ -11,6 +11,15 @@ When functions go away (a hot removal), ``sysfs_view`` and ``remove_vanished``
 take out what ``generate_sysfs`` wrote for them: the device directory, its
 ``/sys/bus/pci/devices`` and driver links, its ``class/vfio-dev`` entry and
 iommu group link, and the vfio / iommu group entries left without members.
+When a function changes driver, ``update_sysfs`` also writes what appeared:
+its ``driver`` link and ``bus/pci/drivers/<drv>/<BDF>``, ``uevent``,
+``vfio-dev/vfioN`` with ``class/vfio-dev/vfioN``, a new vfio group's entries.
+
+The writable attribute files (``driver_override``, ``bind``, ``unbind``,
+``drivers_probe``, ``new_id``, ``remove_id``, ``reset``, ``remove``) are
+listed by ``writable_attributes``: the FUSE server serves each at
+``.fakedev/sysfs/<path>`` of its mount, and ``fakedev run`` bind-mounts those
+over the snapshot's files, so a write reaches the model.
 
 What must not: no mounting (the namespace code bind-mounts ``<root>/sys/...``
 over the real paths, so changes made here show through), no kernel state: the
@@ -240,10 +249,11 @@ def generate_sysfs(
     w = _Writer(Path(root))
     by_path = _node_by_path(nodes)
     for d in ("bus/pci/devices", "bus/pci/drivers", "bus/pci/slots", "kernel/iommu_groups",
-              "class/vfio", "class/vfio-dev", "class/misc", "devices/virtual"):  # fmt: skip
+              "class/vfio", "class/vfio-dev", "class/misc", "devices/virtual/vfio"):  # fmt: skip
         w.dir(d)
     w.file("bus/pci/drivers_autoprobe", "1\n", 0o644)
     w.file("bus/pci/rescan", "", 0o200)
+    w.file("bus/pci/drivers_probe", "", 0o200)
     w.file("bus/pci/uevent", "", 0o200)
     for rel, value in MODULE_PARAMETERS.items():
         w.file(f"module/{rel}", value, 0o644)
@@ -277,15 +287,7 @@ def generate_sysfs(
         w.file(f"{gdir}/type", "DMA\n", 0o644)
         node = by_path.get(f"vfio/{gid}")
         if node is not None:
-            vdir = f"devices/virtual/vfio/{gid}"
-            w.file(f"{vdir}/dev", f"{node.major}:{node.minor}\n")
-            w.file(
-                f"{vdir}/uevent",
-                f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME=vfio/{gid}\n",
-                0o644,
-            )
-            w.link(f"{vdir}/subsystem", "class/vfio")
-            w.link(f"class/vfio/{gid}", vdir)
+            _write_vfio_group(w, gid, node)
     for path, name in (("vfio/vfio", "vfio"), ("iommu", "iommu")):
         node = by_path.get(path)
         if node is None:
@@ -296,6 +298,43 @@ def generate_sysfs(
         w.link(f"{mdir}/subsystem", "class/misc")
         w.link(f"class/misc/{name}", mdir)
     _write_slots(w, topology)
+
+
+def _write_vfio_group(w: _Writer, gid: int, node: DevNode) -> None:
+    """The vfio group's class device (``devices/virtual/vfio/<gid>``, ``class/vfio/<gid>``)."""
+    vdir = f"devices/virtual/vfio/{gid}"
+    w.file(f"{vdir}/dev", f"{node.major}:{node.minor}\n")
+    w.file(f"{vdir}/uevent", f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME=vfio/{gid}\n", 0o644)
+    w.link(f"{vdir}/subsystem", "class/vfio")
+    w.link(f"class/vfio/{gid}", vdir)
+
+
+def _uevent(dev: PciDev, driver: str | None) -> str:
+    sv, sd = _subsys(dev)
+    out = f"DRIVER={driver}\n" if driver is not None else ""
+    return out + (
+        f"PCI_CLASS={dev.class_code:X}\nPCI_ID={dev.vendor:04X}:{dev.device:04X}\n"
+        f"PCI_SUBSYS_ID={sv:04X}:{sd:04X}\nPCI_SLOT_NAME={dev.name}\nMODALIAS={modalias(dev)}\n"
+    )
+
+
+def _write_vfio_dev(w: _Writer, dev: PciDev, index: int, by_path: Mapping[str, DevNode]) -> None:
+    """``<dev>/vfio-dev/vfio<index>`` (the vfio_device's class glue) and its ``class/vfio-dev`` link."""
+    d = device_path(dev)
+    node = by_path.get(f"vfio/devices/vfio{index}")
+    vdir = f"{d}/vfio-dev/vfio{index}"
+    w.dir(vdir)
+    if node is not None:
+        w.file(f"{vdir}/dev", f"{node.major}:{node.minor}\n")
+        w.file(
+            f"{vdir}/uevent",
+            f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME=vfio/devices/vfio{index}\n",
+            0o644,
+        )
+    w.link(f"{vdir}/subsystem", "class/vfio-dev")
+    w.link(f"{vdir}/device", d)
+    w.dir(f"{vdir}/power")
+    w.link(f"class/vfio-dev/vfio{index}", vdir)
 
 
 def _write_function(
@@ -336,14 +375,7 @@ def _write_function(
             else 0o444
         )
         w.file(f"{d}/{name}", content, mode)
-    uevent = ""
-    if dev.driver is not None:
-        uevent += f"DRIVER={dev.driver}\n"
-    uevent += (
-        f"PCI_CLASS={cc:X}\nPCI_ID={dev.vendor:04X}:{dev.device:04X}\n"
-        f"PCI_SUBSYS_ID={sv:04X}:{sd:04X}\nPCI_SLOT_NAME={dev.name}\nMODALIAS={modalias(dev)}\n"
-    )
-    w.file(f"{d}/uevent", uevent, 0o644)
+    w.file(f"{d}/uevent", _uevent(dev, dev.driver), 0o644)
     w.file(f"{d}/config", bytes(dev.config), 0o644)
     for name in ("remove", "rescan", "reset"):
         if name == "reset" and not dev.reset_methods():
@@ -377,20 +409,7 @@ def _write_function(
         w.file(f"{pdir}/cpuaffinity", "1\n")
     index = vfio_index.get(dev.name)
     if index is not None and dev.driver == VFIO_PCI:
-        node = by_path.get(f"vfio/devices/vfio{index}")
-        vdir = f"{d}/vfio-dev/vfio{index}"
-        w.dir(vdir)
-        if node is not None:
-            w.file(f"{vdir}/dev", f"{node.major}:{node.minor}\n")
-            w.file(
-                f"{vdir}/uevent",
-                f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME=vfio/devices/vfio{index}\n",
-                0o644,
-            )
-        w.link(f"{vdir}/subsystem", "class/vfio-dev")
-        w.link(f"{vdir}/device", d)
-        w.dir(f"{vdir}/power")
-        w.link(f"class/vfio-dev/vfio{index}", vdir)
+        _write_vfio_dev(w, dev, index, by_path)
 
 
 def _write_slots(w: _Writer, topology: PciTopology) -> None:
@@ -485,20 +504,100 @@ def remove_vanished(root: Path, before: SysfsView, after: SysfsView) -> list[str
     functions, and a function's vfio-dev entry when it left vfio-pci; vfio and
     iommu groups that went. Returns what was taken out, for logs and tests."""
     out: list[str] = []
+    sysdir = os.path.join(os.fspath(root), "sys")
     for bdf, fn in before.functions.items():
         now = after.functions.get(bdf)
         if now is None:
             remove_function(root, fn)
             out.append(bdf)
-        elif fn.vfio_index is not None and now.vfio_index != fn.vfio_index:
-            sysdir = os.path.join(os.fspath(root), "sys")
+            continue
+        if fn.vfio_index is not None and now.vfio_index != fn.vfio_index:
             shutil.rmtree(os.path.join(sysdir, device_path(fn.dev), "vfio-dev"), ignore_errors=True)
             _unlink(os.path.join(sysdir, "class/vfio-dev", f"vfio{fn.vfio_index}"))
             out.append(f"vfio{fn.vfio_index}")
+        if now.driver != fn.driver and fn.driver is not None:
+            _unlink(os.path.join(sysdir, "bus/pci/drivers", fn.driver, bdf))
+            _unlink(os.path.join(sysdir, device_path(fn.dev), "driver"))
+            out.append(f"{bdf} driver {fn.driver}")
     for gid in sorted(before.vfio_groups - after.vfio_groups):
         remove_vfio_group(root, gid)
         out.append(f"vfio group {gid}")
     for gid in sorted(before.iommu_groups - after.iommu_groups):
         remove_iommu_group(root, gid)
         out.append(f"iommu group {gid}")
+    return out
+
+
+def update_sysfs(root: Path, before: SysfsView, after: SysfsView, nodes: Sequence[DevNode]) -> list[str]:
+    """Bring ``root/sys`` from ``before`` to ``after``: ``remove_vanished``, then
+    write what appeared (device_bind_driver()'s links, the uevent's DRIVER,
+    vfio-dev entries of a function now bound to vfio-pci, new vfio groups).
+    ``nodes``: the model's nodes now (their major:minor). Returns what changed."""
+    out = remove_vanished(root, before, after)
+    w = _Writer(Path(root))
+    by_path = _node_by_path(nodes)
+    for bdf, fn in after.functions.items():
+        old = before.functions.get(bdf)
+        if old is None:
+            continue  # functions do not appear (no rescan)
+        d = device_path(fn.dev)
+        if old.driver != fn.driver:
+            w.file(f"{d}/uevent", _uevent(fn.dev, fn.driver), 0o644)
+            w.file(f"{d}/enable", "1\n" if fn.driver not in (None, VFIO_PCI) else "0\n", 0o644)
+            if fn.driver is not None:
+                w.link(f"{d}/driver", f"bus/pci/drivers/{fn.driver}")
+                w.link(f"bus/pci/drivers/{fn.driver}/{bdf}", d)
+                out.append(f"{bdf} driver {fn.driver}")
+        if fn.vfio_index is not None and fn.vfio_index != old.vfio_index:
+            _write_vfio_dev(w, fn.dev, fn.vfio_index, by_path)
+            out.append(f"vfio{fn.vfio_index}")
+    for gid in sorted(after.vfio_groups - before.vfio_groups):
+        node = by_path.get(f"vfio/{gid}")
+        if node is not None:
+            _write_vfio_group(w, gid, node)
+            out.append(f"vfio group {gid}")
+    return out
+
+
+# ------------------------------------------------------------------ writable attributes
+
+
+@define(frozen=True)
+class SysAttr:
+    """One writable sysfs attribute: ``kind`` (the store it reaches), ``arg``
+    (the function's BDF or the driver's name; "" for the bus), its path
+    relative to /sys (the real location, not through a symlink), the path
+    the FUSE server serves it at (relative to its mount) and its mode."""
+
+    kind: str
+    arg: str
+    sys_rel: str
+    fuse_rel: str
+    mode: int
+
+
+#: where the FUSE server serves the attributes, relative to its mount
+SYSFS_ATTR_DIR = ".fakedev/sysfs"
+DRIVER_ATTRS = ("bind", "unbind", "new_id", "remove_id")
+
+
+def writable_attributes(topology: PciTopology, drivers: Sequence[str]) -> list[SysAttr]:
+    """The attribute files a device manager writes: per function
+    ``driver_override`` (0644), ``reset`` (0200, only with a reset method, as
+    generated) and ``remove`` (0200); per driver ``bind``, ``unbind``,
+    ``new_id``, ``remove_id`` (0200); the bus's ``drivers_probe`` (0200)."""
+    out = [SysAttr("drivers_probe", "", "bus/pci/drivers_probe",
+                   f"{SYSFS_ATTR_DIR}/bus/pci/drivers_probe", 0o200)]
+    for name in drivers:
+        for attr in DRIVER_ATTRS:
+            rel = f"bus/pci/drivers/{name}/{attr}"
+            out.append(SysAttr(attr, name, rel, f"{SYSFS_ATTR_DIR}/{rel}", 0o200))
+    for dev in topology.devices():
+        d = device_path(dev)
+        attrs = [("driver_override", 0o644), ("remove", 0o200)]
+        if dev.reset_methods():
+            attrs.append(("reset", 0o200))
+        for attr, mode in attrs:
+            out.append(SysAttr(attr, dev.name, f"{d}/{attr}",
+                               f"{SYSFS_ATTR_DIR}/bus/pci/devices/{dev.name}/{attr}", mode))
     return out
