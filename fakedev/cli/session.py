@@ -2,8 +2,12 @@
 
 Sequence: mount a private tmpfs (staging) -> start the server on
 ``staging/fuse`` -> in a worker thread (placement looks paths up on the FUSE
-mount, which this thread's loop answers) generate the sysfs and put the nodes
-and sysfs at the real paths -> run CMD -> cancel the server -> unmount staging.
+mount, which this thread's loop answers) generate the sysfs, bind the served
+writable attributes (driver_override, bind, unbind, ...) over its files, and put
+the nodes and sysfs at the real paths -> run CMD -> cancel the server ->
+unmount staging. While CMD runs, nodes that appear (a bind to vfio-pci) are
+placed in the private /dev, nodes that go are taken out, and the attribute
+mounts of a removed function are unmounted before its sysfs directory goes.
 
 The process is already inside its private namespace when this runs (see
 fakedev.cli.main); every mount made here dies with it.

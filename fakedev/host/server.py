@@ -13,6 +13,10 @@ fakedev.host.control), and ``devfd``
 (for the supervisor: each open is an fh with no model file yet, which
 ``bind_fh`` later makes an open of a model ``File``; an fh never bound is
 simply dropped at release).
+``.fakedev/sysfs/`` holds the writable sysfs attributes of a model with a
+driver core (``driver_override``, ``bind``, ``unbind``, ``drivers_probe``, ...;
+fakedev.host.sysfs ``writable_attributes``): a write runs the model's store and
+is answered when the kernel's would return (see ``_write_sysattr``).
 
 Concurrency: the model is synchronous and not thread-safe. Every model call
 runs under one ``trio.Lock``. Calls that may look up the caller's fds
