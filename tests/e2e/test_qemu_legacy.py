@@ -1,4 +1,5 @@
-"""Unmodified QEMU (Debian's 7.2: the legacy group/container path) realizes
+"""Unmodified QEMU on the legacy group/container path (Debian's 7.2, and an
+upstream QEMU given no iommufd object when ``FAKEDEV_QEMU`` names one) realizes
 fake vfio-pci devices under ``fakedev run --supervise`` and hot-resets them on
 QMP ``system_reset``.
 
@@ -12,6 +13,7 @@ JSON-lines file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,15 +28,22 @@ import pytest
 from tests.cli.conftest import unprivileged_python
 from tests.e2e.conftest import FIXTURES, fakedev_run
 
-QEMU = shutil.which("qemu-system-x86_64")
+DEBIAN_QEMU = shutil.which("qemu-system-x86_64")
+UPSTREAM_QEMU = os.environ.get("FAKEDEV_QEMU", "")
 
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.skipif(
-        QEMU is None,
-        reason="qemu-system-x86_64 is not installed (Debian package qemu-system-x86)",
-    ),
-]
+pytestmark = [pytest.mark.needs_root]
+
+
+@pytest.fixture(params=["debian", "upstream"])
+def qemu(request: pytest.FixtureRequest) -> str:
+    """Each QEMU at hand: Debian's 7.2 (required), and FAKEDEV_QEMU's when set."""
+    if request.param == "debian":
+        if DEBIAN_QEMU is None:
+            pytest.fail("qemu-system-x86_64 is not installed (scripts/setup installs qemu-system-x86)")
+        return DEBIAN_QEMU
+    if not UPSTREAM_QEMU:
+        pytest.skip("FAKEDEV_QEMU does not name an upstream QEMU (scripts/build-qemu builds one)")
+    return UPSTREAM_QEMU
 
 NIC = (0x8086, 0x10C9)  # fixtures/dual-function-nic.toml
 F0, F1 = "0000:01:00.0", "0000:01:00.1"
@@ -167,6 +176,7 @@ class AsUser:
 
 
 def run_qemu(
+    qemu: str,
     tmp_path: Path,
     bdfs: list[str],
     holder: list[str] | None = None,
@@ -177,7 +187,7 @@ def run_qemu(
     driver.write_text(DRIVER)
     trace = tmp_path / "trace.jsonl"
     stderr = tmp_path / "qemu.stderr"
-    cfg = {"qemu": QEMU, "bdfs": bdfs, "holder": holder, "stderr": str(stderr)}
+    cfg = {"qemu": qemu, "bdfs": bdfs, "holder": holder, "stderr": str(stderr)}
     extra = ["--supervise", "--trace", str(trace), *(["--stat-mode"] if stat_mode else [])]
     if user is None:
         tmp_path.chmod(0o755)
@@ -237,9 +247,9 @@ def group(state: dict[str, Any], gid: int) -> dict[str, Any]:
 
 
 def test_one_function_is_realized_through_the_group_and_cannot_be_hot_reset(
-    tmp_path: Path,
+    qemu: str, tmp_path: Path,
 ) -> None:
-    run = run_qemu(tmp_path, [F0])
+    run = run_qemu(qemu, tmp_path, [F0])
     assert (*NIC, "hostdev0") in run.pci_devices(), run
     # The model sees QEMU's device fd as opened through group 13 in a container.
     st = run.out["before"]
@@ -277,9 +287,9 @@ def test_one_function_is_realized_through_the_group_and_cannot_be_hot_reset(
 
 @pytest.mark.parametrize("stat_mode", [False, True], ids=["plain", "stat-mode"])
 def test_both_functions_system_reset_is_one_multi_device_hot_reset(
-    tmp_path: Path, stat_mode: bool
+    qemu: str, tmp_path: Path, stat_mode: bool
 ) -> None:
-    run = run_qemu(tmp_path, [F0, F1], stat_mode=stat_mode)
+    run = run_qemu(qemu, tmp_path, [F0, F1], stat_mode=stat_mode)
     devices = run.pci_devices()
     assert (*NIC, "hostdev0") in devices and (*NIC, "hostdev1") in devices, run
     st = run.out["before"]
@@ -329,13 +339,13 @@ def test_both_functions_system_reset_is_one_multi_device_hot_reset(
 
 @pytest.mark.parametrize("hold", ["cdev", "group"])
 def test_sibling_held_by_another_process_blocks_the_reset(
-    tmp_path: Path, hotreset: str, hold: str
+    qemu: str, tmp_path: Path, hotreset: str, hold: str
 ) -> None:
     if hold == "cdev":
         holder = [hotreset, "--no-info", "--no-reset", "--hold", F1]
     else:
         holder = ["sh", "-c", "exec 3<>/dev/vfio/14 && echo ready && read line"]
-    run = run_qemu(tmp_path, [F0], holder=holder)
+    run = run_qemu(qemu, tmp_path, [F0], holder=holder)
     assert (*NIC, "hostdev0") in run.pci_devices(), run
     held = device(run.out["before"], F1)
     if hold == "cdev":
@@ -360,7 +370,7 @@ def shared_tmp() -> Iterator[Path]:
 
 
 def test_rootless_run_realizes_and_resets_both_functions(
-    shared_tmp: Path,
+    qemu: str, shared_tmp: Path,
     unprivileged_user: str,
     user_pythonpath: str,
     userns_allowed: None,
@@ -369,7 +379,7 @@ def test_rootless_run_realizes_and_resets_both_functions(
     exe = unprivileged_python(unprivileged_user)
     if exe is None:
         pytest.fail(f"no Python {sys.version_info[:2]} runnable by {unprivileged_user}")
-    run = run_qemu(shared_tmp, [F0, F1], user=AsUser(unprivileged_user, exe, user_pythonpath))
+    run = run_qemu(qemu, shared_tmp, [F0, F1], user=AsUser(unprivileged_user, exe, user_pythonpath))
     devices = run.pci_devices()
     assert (*NIC, "hostdev0") in devices and (*NIC, "hostdev1") in devices, run
     assert len(run.qemu_fds_on("/.fakedev/devfd")) == 2, run.out["qemu_fds"]
