@@ -6,12 +6,17 @@ program holds waits for its release, with REQ signalled."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import fakedev_run
+from tests.cli.conftest import unprivileged_python
+from tests.e2e.conftest import FIXTURES, fakedev_run
 
 pytestmark = pytest.mark.needs_root
 
@@ -159,3 +164,40 @@ def test_unbind_of_a_held_device_waits_for_the_release(how: str) -> None:
     else:
         assert rest[:2] == ["closed", "writer rc 0"], r.stdout
     assert rest[-4:] == ["devices []", "driver link False", "class []", "model None [] []"], r.stdout
+
+
+ROOTLESS = textwrap.dedent(f"""
+    B={F1}
+    D=/sys/bus/pci/devices/$B
+    echo vfio-pci > $D/driver_override
+    echo $B > $D/driver/unbind
+    echo $B > /sys/bus/pci/drivers_probe
+    echo "driver $(basename $(readlink $D/driver))"
+    echo "devices $(ls /dev/vfio/devices | tr '\\n' ' ')"
+    echo "dev $(cat $D/vfio-dev/vfio1/dev)"
+    exec 3<>/dev/vfio/devices/vfio1 && echo "opened vfio1"
+""")
+
+
+def test_libvirt_sequence_rootless(unprivileged_user: str, user_pythonpath: str, userns_allowed: None,
+                                   dev_fuse_usable_by_all: None) -> None:
+    """As a normal user (user namespace, shadowed /dev): the same files work."""
+    exe = unprivileged_python(unprivileged_user)
+    if exe is None:
+        pytest.fail(f"no Python {sys.version_info[:2]} runnable by {unprivileged_user}")
+    shared = Path(tempfile.mkdtemp(prefix="fakedev-e2e-"))
+    shared.chmod(0o755)
+    tree = shared / "tree.toml"
+    shutil.copy(FIXTURES / "host-driver-sibling.toml", tree)
+    tree.chmod(0o644)
+    try:
+        r = subprocess.run(
+            ["runuser", "-u", unprivileged_user, "--", "env", f"PYTHONPATH={user_pythonpath}",
+             exe, "-m", "fakedev.cli.main", "run", "--tree", str(tree), "--", "sh", "-c", ROOTLESS],
+            capture_output=True, text=True, timeout=120, cwd="/",
+        )
+    finally:
+        shutil.rmtree(shared)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["driver vfio-pci", "devices vfio0 vfio1 ", "dev 242:1", "opened vfio1"], \
+        r.stdout + r.stderr
