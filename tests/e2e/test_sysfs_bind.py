@@ -201,3 +201,43 @@ def test_libvirt_sequence_rootless(unprivileged_user: str, user_pythonpath: str,
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines() == ["driver vfio-pci", "devices vfio0 vfio1 ", "dev 242:1", "opened vfio1"], \
         r.stdout + r.stderr
+
+
+REMOVE = textwrap.dedent("""
+    echo 1 > /sys/bus/pci/devices/0000:00:1c.0/remove && echo removed
+    echo "devices $(ls /sys/bus/pci/devices | tr '\\n' ' ')"
+    echo "host $(ls /sys/devices/pci0000:00 | grep 0000 | tr '\\n' ' ')"
+    echo "mounts $(grep -c 0000:01:00 /proc/self/mountinfo)"
+    echo "nodes $(ls /dev/vfio/devices | tr '\\n' ' ')"
+    echo "class $(ls /sys/class/vfio-dev | tr '\\n' ' ')"
+""")
+
+
+def test_remove_of_a_bridge_takes_its_functions() -> None:
+    """``remove`` on the root port: both functions go with it; the attribute
+    files mounted in their directories are unmounted first."""
+    r = fakedev_run("dual-function-nic", ["sh", "-c", REMOVE])
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.splitlines() == ["removed", "devices ", "host ", "mounts 0", "nodes ", "class "], r.stdout
+
+
+RESET = textwrap.dedent("""
+    import errno, json, os
+    d = "/sys/bus/pci/devices/0000:02:00.0"
+    print(open(d + "/reset_method").read().strip())
+    fd = os.open(d + "/reset", os.O_WRONLY)
+    os.write(fd, b"1\\n")
+    try:
+        os.write(fd, b"2")
+    except OSError as e:
+        print("reset 2", errno.errorcode[e.errno])
+    os.close(fd)
+    state = json.load(open(os.environ["FAKEDEV_MOUNT"] + "/.fakedev/state.json"))
+    print([(r["bdf"], r["method"], r["cause"]) for r in state["reset_log"]])
+""")
+
+
+def test_sysfs_reset_is_a_function_reset() -> None:
+    r = fakedev_run("flr-device", ["python3", "-c", RESET])
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.splitlines() == ["flr bus", "reset 2 EINVAL", "[('0000:02:00.0', 'flr', 'sysfs')]"], r.stdout
