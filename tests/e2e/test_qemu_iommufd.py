@@ -47,13 +47,9 @@ def _qemu_version(path: str) -> tuple[int, ...] | None:
 
 VERSION = _qemu_version(QEMU) if QEMU else None
 
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.skipif(
-        not QEMU,
-        reason="FAKEDEV_QEMU does not name an upstream QEMU (scripts/build-qemu builds one)",
-    ),
-]
+UPSTREAM_QEMU_REASON = "FAKEDEV_QEMU does not name an upstream QEMU (scripts/build-qemu builds one)"
+
+pytestmark = [pytest.mark.needs_root, pytest.mark.skipif(not QEMU, reason=UPSTREAM_QEMU_REASON)]
 
 F0, F1 = "0000:01:00.0", "0000:01:00.1"
 NIC = (0x8086, 0x10C9)  # the card of dual-function-nic.toml and shared-group.toml
@@ -86,6 +82,8 @@ args = [cfg["qemu"], "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "n
         "-m", "128", "-qmp", "stdio",
         "-trace", "vfio_pci_hot_reset*", "-trace", "vfio_pci_reset*",
         "-trace", "iommufd_cdev_pci_hot_reset_dep_devices"]
+for event in cfg.get("trace", []):
+    args += ["-trace", event]
 passed = []
 if cfg["mode"] == "fd":
     ifd = os.open("/dev/iommu", os.O_RDWR)
@@ -95,6 +93,9 @@ if cfg["mode"] == "fd":
         dfd = os.open(cdev_of(bdf), os.O_RDWR)
         passed.append(dfd)
         args += ["-device", f"vfio-pci,id=hostdev{i},fd={dfd},iommufd=iommufd0"]
+elif cfg["mode"] == "legacy":
+    for i, bdf in enumerate(cfg["bdfs"]):
+        args += ["-device", f"vfio-pci,host={bdf},id=hostdev{i}"]
 else:
     args += ["-object", "iommufd,id=iommufd0"]
     for i, bdf in enumerate(cfg["bdfs"]):
@@ -213,14 +214,19 @@ def run_qemu(
     mode: str,
     holder: list[str] | None = None,
     dma: dict[str, Any] | None = None,
+    qemu: str = QEMU,
+    trace_events: list[str] | None = None,
 ) -> Run:
+    """QEMU in ``fakedev run`` on ``tree``: ``mode`` "host" (host=, --stat-mode),
+    "fd" (fd passing, no supervisor) or "legacy" (host= without an iommufd
+    object: the group/container path, --supervise)."""
     driver = tmp_path / "qmp_driver.py"
     driver.write_text(DRIVER)
     trace = tmp_path / "trace.jsonl"
     stderr = tmp_path / "qemu.stderr"
-    cfg = {"qemu": QEMU, "bdfs": bdfs, "holder": holder, "stderr": str(stderr), "mode": mode,
-           "dma": dma}
-    extra = ["--trace", str(trace), *(["--stat-mode"] if mode == "host" else [])]
+    cfg = {"qemu": qemu, "bdfs": bdfs, "holder": holder, "stderr": str(stderr), "mode": mode,
+           "dma": dma, "trace": trace_events or []}
+    extra = ["--trace", str(trace), *({"host": ["--stat-mode"], "legacy": ["--supervise"]}.get(mode, []))]
     tmp_path.chmod(0o755)
     r = fakedev_run(tree, [sys.executable, str(driver), json.dumps(cfg)], extra=extra, timeout=300)
     qemu_stderr = stderr.read_text() if stderr.exists() else ""
