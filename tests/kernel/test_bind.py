@@ -10,9 +10,13 @@ release (vfio_unregister_group_dev) with REQ at once and every 10 s.
 from __future__ import annotations
 
 import errno as E
+import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from fakedev.kernel.errors import KernelError
 from fakedev.kernel.kernel import Blocked, Kernel
 from fakedev.kernel.version import KernelVersion
 from tests.kernel import topologies as T
@@ -324,3 +328,66 @@ def test_sysfs_reset() -> None:
     assert (rec.bdf, rec.method, rec.cause, rec.pid) == (bdf, "flr", "sysfs", 42)
     k2, _ = make("dual-function-nic")  # no FLR, PM without soft reset, a shared bus
     assert errno_of(lambda: k2.reset_store(F0, b"1")) == E.ENOTTY
+
+
+# ------------------------------------------------------------------ random sequences
+
+BDFS = (ROOT, F0, F1)
+DRIVERS = ("igb", "pcieport", VFIO)
+OPS = st.one_of(
+    st.tuples(st.just("override"), st.sampled_from(BDFS), st.sampled_from(["vfio-pci", "igb", "\n", ""])),
+    st.tuples(st.just("unbind"), st.sampled_from(DRIVERS), st.sampled_from(BDFS)),
+    st.tuples(st.just("bind"), st.sampled_from(DRIVERS), st.sampled_from(BDFS)),
+    st.tuples(st.just("probe"), st.just(""), st.sampled_from(BDFS)),
+    st.tuples(st.just("open"), st.just(""), st.sampled_from(["0", "1"])),
+    st.tuples(st.just("close"), st.just(""), st.sampled_from(["0", "1", "2"])),
+    st.tuples(st.just("unplug"), st.just(""), st.sampled_from(BDFS)),
+    st.tuples(st.just("tick"), st.just(""), st.just("")),
+)
+
+
+@pytest.mark.parametrize("tree", ["host-driver-sibling", "shared-group", "igb-in-the-group"])
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(ops=st.lists(OPS, max_size=30))
+def test_random_bind_sequences_keep_the_invariants(tree: str, ops: list[tuple[str, str, str]]) -> None:
+    """Any sequence of overrides, unbinds, binds, probes, opens, closes and
+    removals: the invariants hold after each call, a failed store changes
+    nothing, and once every file is closed nothing waits."""
+    if tree == "igb-in-the-group":
+        clock = Clock()
+        k = Kernel(T._nic((13, 13), ("vfio-pci", "igb")), clock=clock)
+    else:
+        k, clock = make(tree)
+    p = Proc(k)
+    ifd = p.open("iommu")
+    held: list[int] = []
+    for op, a, bdf in ops:
+        before = json.dumps(k.describe(), sort_keys=True, default=str)
+        try:
+            if op == "override":
+                k.driver_override_store(bdf, b(a))
+            elif op == "unbind":
+                k.unbind_store(a, b(bdf))
+            elif op == "bind":
+                k.bind_store(a, b(bdf))
+            elif op == "probe":
+                k.drivers_probe_store(b(bdf))
+            elif op == "open":
+                held.append(p.cdev_bound(int(bdf), ifd)[0])
+            elif op == "close":
+                if int(bdf) < len(held):
+                    p.close(held.pop(int(bdf)))
+            elif op == "unplug":
+                k.unplug_device(bdf)
+            else:
+                clock.now += 10.0
+                k.unplug_tick()
+        except KernelError:
+            if op not in ("open", "unplug"):  # (an open's partial work is undone by its own paths)
+                assert json.dumps(k.describe(), sort_keys=True, default=str) == before, op
+        check(k)
+    for fd in sorted(p.p.fds):  # held ones, and opens whose bind failed
+        if fd != ifd:
+            p.close(fd)
+    assert k.unbinds == [] and k.unplugs == []
+    check(k)
