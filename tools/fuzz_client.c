@@ -7,8 +7,24 @@
  *        fuzz_client MOUNT argsz SEED N       N times: IOMMU_IOAS_ALLOC and BIND_IOMMUFD with
  *                                             argsz 0xffffffff, the struct at the end of the
  *                                             mapping (the kernel: EFAULT, nothing allocated)
+ *        fuzz_client MOUNT dma SEED NCALLS    half DMA-engine sequences (FUZZ_DMA), half fuzz
+ *        fuzz_client MOUNT dmaloop SEED MILLIS  one DMA-engine set-up, then 1 MiB copies
+ *                                             until MILLIS (for kills mid-DMA; a failed
+ *                                             set-up is reported, the loop still runs;
+ *                                             with no engine node: fuzz calls instead)
+ *        fuzz_client MOUNT dmacheck SEED 1    one correct copy and fill, bytes checked:
+ *                                             prints "dma ok" (or what went wrong)
+ *        fuzz_client MOUNT chaos SEED MILLIS  arms and clears fault rules through the control
+ *                                             file (ops of the race loop) until MILLIS
  *
  * An optional fifth argument caps the random argsz values (default: none).
+ * Environment: FUZZ_CONTROL=N makes N of every 1000 fuzz/deep/dma steps a command
+ * written to MOUNT/.fakedev/control (fault specs with random ops, nth, count, errno
+ * and device, unplug, clear, faults, dma-read, dma-write, garbage; valid and mutated);
+ * FUZZ_BDFS=a,b,... the tree's functions (for those commands); FUZZ_UNPLUG=N: an
+ * unplug command or unplug fault names a real function N times in 1,000,000 (else
+ * only functions the tree lacks), FUZZ_UNPLUG_ONLY=BDF then names that one;
+ * FUZZ_DMA=vfio/devices/vfioN the DMA-engine node.
  * With a SEED divisible by 3, fuzz and deep also run a 300 us SIGALRM timer with
  * an empty handler, so calls are interrupted (FUSE_INTERRUPT) mid-flight.
  * The calls made depend only on SEED and on the answers received. A line "go" is
@@ -30,6 +46,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -48,6 +65,10 @@
 #define IOMMU_IOAS_ALLOC 0x3b81
 #define IOMMU_IOAS_MAP 0x3b85
 #define IOMMU_IOAS_UNMAP 0x3b86
+#define IOMMU_IOAS_MAP_FILE 0x3b8f
+#define VFIO_DEVICE_RESET 0x3b6f
+#define VFIO_PCI_REQ_IRQ_INDEX 4
+#define CFG_OFF (7ULL << 40)
 
 #define PAGE 4096
 #define MAXNODES 64
@@ -288,14 +309,381 @@ static void sequence_group(void) {
     else { if (c >= 0) close(c); if (g >= 0) close(g); }
 }
 
-static void step(int deep) {
+static void print_hist(void);
+/* ---------------------------------------------------------------- control file */
+
+static char ctl_path[700];
+static int ctl_rate;            /* per 1000 steps */
+static long unplug_ppm;         /* unplug commands naming a real function, per 1,000,000 */
+static char bdfs[16][32];
+static int nbdfs;
+static int dma_node = -1;       /* the DMA engine's cdev node */
+
+static const char *fault_ops[] = {
+    "VFIO_DEVICE_PCI_HOT_RESET", "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", "VFIO_DEVICE_BIND_IOMMUFD",
+    "VFIO_DEVICE_ATTACH_IOMMUFD_PT", "VFIO_DEVICE_DETACH_IOMMUFD_PT", "IOMMU_IOAS_ALLOC", "IOMMU_IOAS_MAP",
+    "IOMMU_IOAS_MAP_FILE", "IOMMU_IOAS_UNMAP", "IOMMU_DESTROY", "VFIO_GROUP_SET_CONTAINER",
+    "VFIO_GROUP_GET_DEVICE_FD", "VFIO_SET_IOMMU", "VFIO_IOMMU_MAP_DMA", "VFIO_DEVICE_SET_IRQS",
+    "VFIO_DEVICE_RESET", "VFIO_DEVICE_GET_INFO", "open", "read", "write", "*", "*",
+    "open", "read", "write", "*", "*", "IOMMU_IOAS_ALLOC", "VFIO_DEVICE_BIND_IOMMUFD", "IOMMU_IOAS_MAP",
+    "VFIO_BOGUS", "", "OPEN",
+};
+static const char *fault_errnos[] = {
+    "EIO", "ENOMEM", "EBUSY", "EAGAIN", "EINVAL", "EFAULT", "ENODEV", "EPERM", "ENOSPC", "EINTR",
+    "E2BIG", "EBADF", "ERESTARTSYS", "EBOGUS", "eio", "5", "",
+};
+#define NELEM(a) ((uint32_t)(sizeof(a) / sizeof((a)[0])))
+
+/* a function address: one of the tree's, a short form of one, or none of them */
+static const char *unplug_only; /* real unplugs name only this function */
+static const char *pick_bdf(int real_ok) {
+    static char out[64];
+    static const char *bogus[] = {"0000:0f:1f.7", "0000:01:00.8", "01:00", "zz:00.0", "0000:01:00.0x",
+                                  "vfio0", "", "ffff:ff:1f.7"};
+    if (nbdfs && real_ok && chance(85)) {
+        const char *b = bdfs[below(nbdfs)];
+        if (chance(20) && strlen(b) > 5) snprintf(out, sizeof out, "%s", b + 5); /* 01:00.0 */
+        else snprintf(out, sizeof out, "%s", b);
+        return out;
+    }
+    return bogus[below(NELEM(bogus))];
+}
+
+static int unplug_allowed(void) { return unplug_ppm > 0 && (long)below(1000000) < unplug_ppm; }
+static const char *pick_unplug(void) {
+    int real = unplug_allowed();
+    return real && unplug_only ? unplug_only : pick_bdf(real);
+}
+
+static size_t fault_spec(char *o, size_t cap) {
+    size_t n = 0;
+    uint32_t k = below(100);
+    if (k < 70) {
+        n += (size_t)snprintf(o + n, cap - n, "call=%s", fault_ops[below(NELEM(fault_ops))]);
+        if (chance(70)) n += (size_t)snprintf(o + n, cap - n, ",nth=%u", chance(60) ? 1 + below(4) : chance(90) ? 1 + below(40) : below(3) - 1);
+        if (chance(40)) {
+            if (chance(30)) n += (size_t)snprintf(o + n, cap - n, ",count=all");
+            else n += (size_t)snprintf(o + n, cap - n, ",count=%u", chance(95) ? 1 + below(8) : 0);
+        }
+        if (chance(40)) n += (size_t)snprintf(o + n, cap - n, ",device=%s", pick_bdf(1));
+        if (chance(80)) n += (size_t)snprintf(o + n, cap - n, ",errno=%s", fault_errnos[below(NELEM(fault_errnos))]);
+    } else if (k < 80) {
+        n += (size_t)snprintf(o + n, cap - n, "unplug=%s,after=%s", pick_unplug(),
+                              fault_ops[below(NELEM(fault_ops))]);
+        if (chance(60)) n += (size_t)snprintf(o + n, cap - n, ",nth=%u", 1 + below(50));
+    } else {
+        static const char *hooks[] = {"memory-lock-busy", "device-lock-busy", "reset-fails"};
+        n += (size_t)snprintf(o + n, cap - n, "%s=%s", hooks[below(3)], pick_bdf(1));
+        if (chance(40)) n += (size_t)snprintf(o + n, cap - n, ",errno=%s", fault_errnos[below(NELEM(fault_errnos))]);
+    }
+    return n < cap ? n : cap - 1;
+}
+
+static const char *iova_text(char *o, size_t cap) {
+    switch (below(8)) {
+    case 0: snprintf(o, cap, "0x%llx", (unsigned long long)rnd()); break;
+    case 1: snprintf(o, cap, "%u", below(1u << 24)); break;
+    case 2: snprintf(o, cap, "-1"); break;
+    case 3: snprintf(o, cap, "0xzz"); break;
+    default: snprintf(o, cap, "0x%llx", ((unsigned long long)below(16) << 20) + below(3 * PAGE)); break;
+    }
+    return o;
+}
+
+/* One command written to the control file: valid, mutated or garbage. */
+static void control_step(void) {
+    char cmd[6000];
+    size_t n = 0, cap = sizeof cmd;
+    uint32_t k = below(100);
+    char a[64];
+    if (k < 40) {
+        n = (size_t)snprintf(cmd, cap, "fault ");
+        n += fault_spec(cmd + n, cap - n);
+    } else if (k < 50) {
+        n = (size_t)snprintf(cmd, cap, chance(90) ? "clear" : "clear now");
+    } else if (k < 54) {
+        n = (size_t)snprintf(cmd, cap, "unplug %s", pick_unplug());
+    } else if (k < 60) {
+        n = (size_t)snprintf(cmd, cap, chance(50) ? "faults" : "help");
+    } else if (k < 75) {
+        const char *dev = dma_node >= 0 && chance(40) ? strrchr(nodes[dma_node], '/') + 1 : pick_bdf(1);
+        uint32_t len = chance(80) ? 1 + below(8192) : (chance(50) ? 0 : (1u << 20) + 1);
+        n = (size_t)snprintf(cmd, cap, "dma-read %s %s %u", dev, iova_text(a, sizeof a), len);
+    } else if (k < 90) {
+        const char *dev = dma_node >= 0 && chance(40) ? strrchr(nodes[dma_node], '/') + 1 : pick_bdf(1);
+        n = (size_t)snprintf(cmd, cap, "dma-write %s %s ", dev, iova_text(a, sizeof a));
+        uint32_t bytes = chance(90) ? below(200) : below(2000);
+        for (uint32_t i = 0; i < bytes && n + 3 < cap; i++) n += (size_t)snprintf(cmd + n, cap - n, "%02x", below(256));
+        if (chance(10)) cmd[n++] = chance(50) ? 'g' : '7'; /* not hex, or odd length */
+    } else { /* garbage */
+        uint32_t g = below(5);
+        if (g == 0) { n = below(64); for (size_t i = 0; i < n; i++) cmd[i] = (char)rnd(); }
+        else if (g == 1) { n = 4096 + below(1500); memset(cmd, 'f', n); }
+        else if (g == 2) n = (size_t)snprintf(cmd, cap, "fault call=open\nclear\n");
+        else if (g == 3) n = (size_t)snprintf(cmd, cap, "\n \n");
+        else n = (size_t)snprintf(cmd, cap, "fault %s", chance(50) ? "" : "call=,,,=");
+    }
+    if (n >= cap) n = cap - 1;
+    if (k < 90 && chance(15) && n > 2) { /* mutate one byte, or cut the command short */
+        if (chance(50)) cmd[below((uint32_t)n)] = (char)(32 + below(95));
+        else n = 1 + below((uint32_t)n - 1);
+    }
+    int fd = open(ctl_path, O_RDWR | O_CLOEXEC);
+    count(fd);
+    if (fd < 0) return;
+    count((int)write(fd, cmd, n));
+    if (chance(30)) { /* the reply */
+        char r[512];
+        count((int)pread(fd, r, sizeof r, 0));
+    }
+    close(fd);
+}
+
+/* ---------------------------------------------------------------- the DMA engine */
+
+#define REG_SRC 0x08
+#define REG_DST 0x10
+#define REG_LEN 0x18
+#define REG_PATTERN 0x1c
+#define REG_COMMAND 0x20
+#define REG_STATUS 0x24
+
+static int reg_write(int d, uint32_t off, uint64_t v, size_t size) {
+    int r = (int)pwrite(d, &v, size, (off_t)off);
+    count(r);
+    return r;
+}
+static uint64_t reg_read(int d, uint32_t off, size_t size) {
+    uint64_t v = 0;
+    count((int)pread(d, &v, size, (off_t)off));
+    return v;
+}
+
+static unsigned char *dmabuf;      /* DMA_BUF bytes of our memory, mapped at IOVA 0x100000 */
+#define DMA_BUF (2u << 20)
+#define BUF_IOVA 0x100000ull
+#define FILE_IOVA 0x800000ull
+#define RO_IOVA 0xc00000ull
+
+static uint64_t dma_iova(void) {
+    switch (below(10)) {
+    case 0: return rnd();
+    case 1: return FILE_IOVA + below(5 * PAGE);      /* in a MAP_FILE mapping (or past it) */
+    case 2: return RO_IOVA + below(2 * PAGE);        /* read-only */
+    case 3: return (uint64_t)below(64) << 20;        /* mostly unmapped */
+    default: return BUF_IOVA + below(DMA_BUF);
+    }
+}
+
+/* Set up the engine behind our iommufd (fds returned), or -1. */
+static int dma_setup(int *iommu_out, int *ioas_out, int *memfd_out) {
+    int in = find_node("iommu");
+    if (in < 0 || dma_node < 0) return -1;
+    int i = open_node(in), d = open_node(dma_node);
+    *iommu_out = i;
+    if (d < 0) return -1;
+    *memfd_out = -1;
+    uint32_t a[3] = {12, 0, 0};
+    xcall(i, IOMMU_IOAS_ALLOC, a);
+    *ioas_out = (int)a[2];
+    uint32_t b[4] = {16, 0, (uint32_t)i, 0};
+    if (chance(97)) xcall(d, VFIO_DEVICE_BIND_IOMMUFD, b);
+    uint32_t at[3] = {12, 0, chance(95) ? a[2] : below(8)};
+    if (chance(95)) xcall(d, VFIO_DEVICE_ATTACH_IOMMUFD_PT, at);
+    uint32_t mm[10] = {40, 1 | (1u << 1) | (1u << 2), a[2], 0};
+    uint64_t *q = (uint64_t *)&mm[4];
+    q[0] = (uint64_t)(uintptr_t)dmabuf; q[1] = DMA_BUF; q[2] = BUF_IOVA;
+    if (chance(90)) xcall(i, IOMMU_IOAS_MAP, mm);
+    if (chance(50)) { /* a read-only mapping */
+        mm[1] = 1 | (1u << 2);
+        q[0] = (uint64_t)(uintptr_t)(dmabuf + PAGE); q[1] = 2 * PAGE; q[2] = RO_IOVA;
+        xcall(i, IOMMU_IOAS_MAP, mm);
+    }
+    if (chance(50)) { /* a memfd through MAP_FILE: the server keeps its own copy of the fd */
+        int mf = (int)syscall(SYS_memfd_create, "fuzz", 1u /* MFD_CLOEXEC */);
+        if (mf >= 0 && ftruncate(mf, 4 * PAGE) == 0) {
+            uint32_t mf_[10] = {40, 1 | (1u << 1) | (1u << 2), a[2], (uint32_t)mf};
+            uint64_t *fq = (uint64_t *)&mf_[4];
+            fq[0] = chance(90) ? 0 : PAGE; fq[1] = chance(90) ? 4 * PAGE : 8 * PAGE; fq[2] = FILE_IOVA;
+            xcall(i, IOMMU_IOAS_MAP_FILE, mf_);
+        }
+        if (chance(50) && mf >= 0) { close(mf); mf = -1; }
+        *memfd_out = mf;
+    }
+    if (chance(90)) { uint16_t cmdreg = chance(90) ? 0x6 : (uint16_t)rnd(); count((int)pwrite(d, &cmdreg, 2, (off_t)(CFG_OFF + 4))); }
+    if (chance(30)) { /* an interrupt eventfd: INTx, MSI or MSI-X vector 0; or REQ */
+        int e = eventfd(0, EFD_CLOEXEC);
+        uint32_t idx = chance(25) ? VFIO_PCI_REQ_IRQ_INDEX : below(3);
+        uint32_t irq[6] = {24, (1u << 2) | (1u << 5), idx, 0, 1, (uint32_t)e};
+        xcall(d, VFIO_DEVICE_SET_IRQS, irq);
+        remember(e, K_EVENTFD, -1);
+    }
+    return d;
+}
+
+static void dma_command(int d) {
+    if (chance(80)) {
+        reg_write(d, REG_SRC, dma_iova(), 8);
+        reg_write(d, REG_DST, dma_iova(), 8);
+        uint32_t len = chance(85) ? 1 + below(3 * PAGE) : (chance(50) ? (uint32_t)rnd() : below(2) * (16u << 20));
+        reg_write(d, REG_LEN, len, 4);
+        if (chance(30)) reg_write(d, REG_PATTERN, rnd(), 4);
+        reg_write(d, REG_COMMAND, chance(90) ? 1 + below(2) : rnd(), 4);
+    } else { /* random register bytes, the doorbell among them */
+        unsigned char v[16];
+        for (int i = 0; i < 16; i++) v[i] = (unsigned char)rnd();
+        size_t sz = 1 + below(16);
+        count((int)pwrite(d, v, sz, (off_t)below(0x48)));
+    }
+    if (chance(60)) reg_read(d, REG_STATUS, 4);
+    if (chance(40)) reg_write(d, REG_STATUS, 0xffffffffu, 4);
+    if (chance(10)) reg_read(d, below(0x40), 1 + below(8));
+}
+
+static void sequence_dma(void) {
+    int i = -1, ioas = 0, mf = -1;
+    if (chance(90)) /* mostly, our own earlier open of the engine (which holds its binding) goes first */
+        for (int k = nfds - 1; k >= 0; k--)
+            if (fds[k].node == dma_node && fds[k].kind == K_NODE) drop(k);
+    int d = dma_setup(&i, &ioas, &mf);
+    if (d < 0) { if (i >= 0) close(i); if (mf >= 0) close(mf); return; }
+    int cmds = 1 + (int)below(8);
+    for (int c = 0; c < cmds; c++) dma_command(d);
+    if (chance(20)) { uint32_t um[6] = {24, (uint32_t)ioas}; uint64_t *q = (uint64_t *)&um[2]; q[0] = 0; q[1] = ~0ULL; xcall(i, IOMMU_IOAS_UNMAP, um); }
+    if (chance(10)) count(ioctl(d, VFIO_DEVICE_RESET));
+    if (chance(20)) dma_command(d);
+    if (mf >= 0) close(mf);
+    if (chance(15)) { remember(i, K_NODE, find_node("iommu")); remember(d, K_NODE, dma_node); }
+    else { if (i >= 0) close(i); if (d >= 0) close(d); }
+}
+
+/* iommufd, IOAS, bind, attach, our buffer mapped, bus mastering on: 0 or an errno */
+static int dma_plain(int *iout, int *dout) {
+    int in = find_node("iommu");
+    int i = *iout = open_node(in), d = *dout = open_node(dma_node);
+    if (i < 0 || d < 0) return errno;
+    uint32_t a[3] = {12, 0, 0};
+    uint32_t b[4] = {16, 0, (uint32_t)i, 0};
+    int e = xcall(i, IOMMU_IOAS_ALLOC, a);
+    if (!e) e = xcall(d, VFIO_DEVICE_BIND_IOMMUFD, b);
+    uint32_t at[3] = {12, 0, a[2]};
+    if (!e) e = xcall(d, VFIO_DEVICE_ATTACH_IOMMUFD_PT, at);
+    uint32_t mm[10] = {40, 1 | (1u << 1) | (1u << 2), a[2], 0};
+    uint64_t *q = (uint64_t *)&mm[4];
+    q[0] = (uint64_t)(uintptr_t)dmabuf; q[1] = DMA_BUF; q[2] = BUF_IOVA;
+    if (!e) e = xcall(i, IOMMU_IOAS_MAP, mm);
+    uint16_t cmdreg = 0x6;
+    if (!e && pwrite(d, &cmdreg, 2, (off_t)(CFG_OFF + 4)) != 2) e = errno;
+    return e;
+}
+
+/* dmaloop: one set-up, then big copies inside our buffer until the time is up */
+static long now_ms(void);
+static int dma_loop(long millis) {
+    int i = -1, d = -1;
+    if (dma_node < 0) return 2;
+    int e = dma_plain(&i, &d);
+    if (e) fprintf(stderr, "dma set-up failed: errno %d (the copies fail)\n", e);
+    long end = now_ms() + millis;
+    uint64_t n = 0, faults = 0;
+    printf("go\n");
+    fflush(stdout);
+    while (now_ms() < end) {
+        reg_write(d, REG_SRC, BUF_IOVA, 8);
+        reg_write(d, REG_DST, BUF_IOVA + (DMA_BUF / 2), 8);
+        reg_write(d, REG_LEN, DMA_BUF / 2, 4);
+        reg_write(d, REG_COMMAND, 1, 4);
+        uint32_t st = (uint32_t)reg_read(d, REG_STATUS, 4);
+        if (st & 2) faults++;
+        reg_write(d, REG_STATUS, 0xffffffffu, 4);
+        n++;
+    }
+    printf("copies %llu\nfaults %llu\n", (unsigned long long)n, (unsigned long long)faults);
+    close(d);
+    close(i);
+    return 0;
+}
+
+/* dmacheck: a copy and a fill checked byte for byte */
+static int dma_check(void) {
+    int i = -1, d = -1;
+    if (dma_node < 0) { printf("dma: no engine node\n"); return 0; }
+    int e = dma_plain(&i, &d);
+    if (e) { printf("dma: set-up failed: errno %d\n", e); return 0; }
+    for (uint32_t k = 0; k < 5000; k++) dmabuf[100 + k] = (unsigned char)(k * 7 + 3);
+    memset(dmabuf + 3 * PAGE, 0, 8192);
+    reg_write(d, REG_SRC, BUF_IOVA + 100, 8);
+    reg_write(d, REG_DST, BUF_IOVA + 3 * PAGE + 37, 8);
+    reg_write(d, REG_LEN, 5000, 4);
+    reg_write(d, REG_COMMAND, 1, 4);
+    uint32_t st = (uint32_t)reg_read(d, REG_STATUS, 4);
+    if (st != 1 || memcmp(dmabuf + 100, dmabuf + 3 * PAGE + 37, 5000)) { printf("dma: copy status 0x%x\n", st); return 0; }
+    reg_write(d, REG_STATUS, 0xffffffffu, 4);
+    reg_write(d, REG_DST, BUF_IOVA + 6 * PAGE, 8);
+    reg_write(d, REG_LEN, 10, 4);
+    reg_write(d, REG_PATTERN, 0x44332211u, 4);
+    reg_write(d, REG_COMMAND, 2, 4);
+    st = (uint32_t)reg_read(d, REG_STATUS, 4);
+    static const unsigned char want[10] = {0x11, 0x22, 0x33, 0x44, 0x11, 0x22, 0x33, 0x44, 0x11, 0x22};
+    if (st != 1 || memcmp(dmabuf + 6 * PAGE, want, 10)) { printf("dma: fill status 0x%x\n", st); return 0; }
+    close(d);
+    close(i);
+    printf("dma ok\n");
+    return 0;
+}
+
+/* chaos: fault rules on the race loop's calls armed and cleared at random */
+static int chaos(long millis) {
+    static const char *specs[] = {
+        "call=VFIO_DEVICE_PCI_HOT_RESET,nth=%u,errno=EBUSY", "call=VFIO_DEVICE_BIND_IOMMUFD,nth=%u,errno=ENOMEM",
+        "call=VFIO_DEVICE_ATTACH_IOMMUFD_PT,nth=%u,count=3,errno=EINVAL", "call=IOMMU_IOAS_ALLOC,nth=%u,errno=ENOMEM",
+        "call=open,nth=%u,count=2,errno=EAGAIN", "call=VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,nth=%u,errno=EFAULT",
+        "call=*,nth=%u,count=5,errno=EIO", "call=write,nth=%u,errno=EIO", "call=VFIO_DEVICE_PCI_HOT_RESET,nth=%u,count=all,device=%s",
+        "memory-lock-busy=%s", "device-lock-busy=%s", "reset-fails=%s,errno=EIO",
+    };
+    long end = now_ms() + millis;
+    uint64_t armed = 0, cleared = 0;
+    printf("go\n");
+    fflush(stdout);
+    while (now_ms() < end) {
+        char cmd[256];
+        int n;
+        if (chance(65)) {
+            uint32_t s = below(NELEM(specs));
+            char spec[200];
+            const char *b = nbdfs ? bdfs[below(nbdfs)] : "0000:01:00.0";
+            if (s >= 9) snprintf(spec, sizeof spec, specs[s], b);
+            else snprintf(spec, sizeof spec, specs[s], 1 + below(20), b);
+            n = snprintf(cmd, sizeof cmd, "fault %s", spec);
+            armed++;
+        } else {
+            n = snprintf(cmd, sizeof cmd, "clear");
+            cleared++;
+        }
+        int fd = open(ctl_path, O_RDWR | O_CLOEXEC);
+        count(fd);
+        if (fd >= 0) { count((int)write(fd, cmd, (size_t)n)); close(fd); }
+        usleep(1000 * below(40));
+    }
+    int fd = open(ctl_path, O_RDWR | O_CLOEXEC);
+    if (fd >= 0) { count((int)write(fd, "clear", 5)); close(fd); }
+    printf("armed %llu\ncleared %llu\n", (unsigned long long)armed, (unsigned long long)cleared);
+    print_hist();
+    return 0;
+}
+
+static void step(int mode) {
+    int deep = mode == 1;
+    if (ctl_rate && (int)below(1000) < ctl_rate) { control_step(); return; }
+    if (mode == 2 && dma_node >= 0 && chance(50)) { sequence_dma(); return; }
+    if (mode != 2 && dma_node >= 0 && (int)below(1000) < (deep ? 80 : 10)) { sequence_dma(); return; }
     uint32_t c = below(1000);
     if (deep ? c < 300 : c < 15) { sequence_cdev(); return; }
     if (deep ? c < 350 : c < 22) { sequence_group(); return; }
     if (c < 420) { fuzz_ioctl(); return; }
     if (c < 560) { fuzz_rw(); return; }
     if (c < 700) {
-        if (nnodes) remember(open_node((int)below(nnodes)), K_NODE, -1);
+        if (nnodes) { int nd = (int)below(nnodes); remember(open_node(nd), K_NODE, nd); }
         return;
     }
     if (c < 850 && nfds) { /* close, but sometimes keep the number as a stale fd */
@@ -330,7 +718,9 @@ static void print_hist(void) {
 
 static int race(long millis) {
     int in = find_node("iommu"), d0n = find_node("vfio/devices/vfio0"), d1n = find_node("vfio/devices/vfio1");
-    if (in < 0 || d0n < 0 || d1n < 0) return 2;
+    if (in < 0 || (d0n < 0 && d1n < 0)) return 2;
+    if (d0n < 0) d0n = d1n; /* one function unplugged: race on the other */
+    if (d1n < 0) d1n = d0n;
     uint64_t iters = 0, ok = 0, fail = 0, split_ok = 0;
     long end = now_ms() + millis;
     printf("go\n");
@@ -373,7 +763,7 @@ static int race(long millis) {
 
 int main(int argc, char **argv) {
     if (argc < 5) {
-        fprintf(stderr, "usage: %s MOUNT fuzz|deep|race SEED N\n", argv[0]);
+        fprintf(stderr, "usage: %s MOUNT fuzz|deep|dma|race|dmaloop|dmacheck|chaos|argsz SEED N\n", argv[0]);
         return 2;
     }
     mnt = argv[1];
@@ -390,7 +780,28 @@ int main(int argc, char **argv) {
     scan("vfio", 0);
     scan("vfio/devices", 1);
     if (nnodes <= 2) { fprintf(stderr, "no nodes under %s\n", mnt); return 2; }
+    snprintf(ctl_path, sizeof ctl_path, "%s/.fakedev/control", mnt);
+    const char *env = getenv("FUZZ_CONTROL");
+    ctl_rate = env ? atoi(env) : 0;
+    env = getenv("FUZZ_UNPLUG");
+    unplug_ppm = env ? atol(env) : 0;
+    unplug_only = getenv("FUZZ_UNPLUG_ONLY");
+    env = getenv("FUZZ_DMA");
+    if (env && *env) dma_node = find_node(env);
+    env = getenv("FUZZ_BDFS");
+    if (env) {
+        char tmp[1024];
+        snprintf(tmp, sizeof tmp, "%s", env);
+        for (char *tok = strtok(tmp, ","); tok && nbdfs < 16; tok = strtok(NULL, ","))
+            snprintf(bdfs[nbdfs++], sizeof bdfs[0], "%s", tok);
+    }
+    dmabuf = mmap(NULL, DMA_BUF, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (dmabuf == MAP_FAILED) return 2;
     if (!strcmp(mode, "race")) return race(n);
+    if (!strcmp(mode, "dmaloop") && dma_node >= 0) return dma_loop(n);
+    if (!strcmp(mode, "dmaloop")) { mode = "fuzz"; n = 100000000; } /* the engine is gone: random calls */
+    if (!strcmp(mode, "dmacheck")) return dma_check();
+    if (!strcmp(mode, "chaos")) return chaos(n);
     if (!strcmp(mode, "argsz")) {
         int in = find_node("iommu"), dn = find_node("vfio/devices/vfio0");
         int i = in >= 0 ? open_node(in) : -1, d = dn >= 0 ? open_node(dn) : -1;
@@ -407,8 +818,8 @@ int main(int argc, char **argv) {
         }
         return 0;
     }
-    int deep = !strcmp(mode, "deep");
-    if (!deep && strcmp(mode, "fuzz")) return 2;
+    int smode = !strcmp(mode, "deep") ? 1 : !strcmp(mode, "dma") ? 2 : 0;
+    if (!smode && strcmp(mode, "fuzz")) return 2;
     if (strtoull(argv[3], NULL, 0) % 3 == 0) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
@@ -418,10 +829,10 @@ int main(int argc, char **argv) {
         setitimer(ITIMER_REAL, &it, NULL);
     }
     long t0 = now_ms();
-    remember(open_node((int)below(nnodes)), K_NODE, -1);
+    { int nd = (int)below(nnodes); remember(open_node(nd), K_NODE, nd); }
     printf("go\n");
     fflush(stdout);
-    while ((long)calls < n) step(deep);
+    while ((long)calls < n) step(smode);
     for (int s = nfds - 1; s >= 0; s--) drop(s);
     printf("calls %llu\nms %ld\n", (unsigned long long)calls, now_ms() - t0);
     print_hist();

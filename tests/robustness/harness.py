@@ -1,7 +1,8 @@
 """Shared pieces of the robustness tests and benchmarks: the fuzz client built
 with gcc, a kernel model served in this process (so the model can be inspected
-after the clients are gone), the leak check, the hot-reset ownership check and a
-fresh client that proves the daemon still serves.
+after the clients are gone), the leak check, the hot-reset ownership check, the
+watches that check the invariants after every served call and that an injected
+failure changed nothing, and a fresh client that proves the daemon still serves.
 
 Used by tests/robustness/test_*.py and benchmarks/{fuzz,kill_race}.py.
 """
@@ -16,6 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,14 @@ if str(REPO) not in sys.path:
 from fakedev.fuse import mount as M  # noqa: E402
 from fakedev.host.server import Server  # noqa: E402
 from fakedev.host.trace import Tracer  # noqa: E402
+from fakedev.kernel.fault_inject import InjectedError  # noqa: E402
 from fakedev.kernel.kernel import Kernel  # noqa: E402
 from fakedev.tree import load_tree  # noqa: E402
 
 FIXTURES = REPO / "fixtures"
+#: the dual-function NIC (vfio0, vfio1: one dev_set) plus a DMA engine (vfio2)
+DMA_NIC = str(Path(__file__).resolve().parent / "dma-nic.toml")
+FUZZ_UNPLUG_ORDER = ("0000:01:00.0", "0000:03:00.0", "0000:01:00.1")
 FUZZ_C = REPO / "tools" / "fuzz_client.c"
 KCLIENT_C = REPO / "tests" / "fuse" / "kclient.c"
 
@@ -57,7 +63,9 @@ def build_kclient(outdir: Path) -> str:
 
 
 def make_kernel(tree: str = "dual-function-nic") -> Kernel:
-    return load_tree(FIXTURES / f"{tree}.toml").make_kernel()
+    """A fixture by name, or a tree file by path."""
+    path = Path(tree) if tree.endswith(".toml") else FIXTURES / f"{tree}.toml"
+    return load_tree(path).make_kernel()
 
 
 # ----------------------------------------------------------------- hot reset ownership
@@ -72,6 +80,8 @@ class ResetWatch:
 
     kernel: Kernel
     hot_resets: int = 0
+    #: hot resets (calls): each record counts 1/len(dev_set) of one
+    events: Fraction = Fraction(0)
     violations: list[str] = field(default_factory=list)
 
     def install(self) -> ResetWatch:
@@ -95,6 +105,7 @@ class ResetWatch:
         if dev is None:
             return  # a function not bound to vfio-pci
         members = dev.dev_set.device_list
+        self.events += Fraction(1, len(members))
         if any(d.group.container is not None for d in members):
             return  # the group path (group fds are checked by the model's own tests)
         ctxs = {id(d.iommufd_ictx): d.iommufd_ictx for d in members if d.iommufd_device is not None}
@@ -129,7 +140,119 @@ def leaks(state: dict[str, Any]) -> list[str]:
     for gid, ig in state["iommu_groups"].items():
         if ig.get("owner_cnt"):
             out.append(f"iommu group {gid}: owner_cnt {ig['owner_cnt']}")
+    for u in state.get("unplugs", []):
+        out.append(f"unplug still pending: {u}")
     return out
+
+
+def own_fds(trace: Path | None = None) -> int:
+    """File descriptors of this (the serving) process: pidfds, fd copies (eventfds,
+    MAP_FILE files held by a mapping) and the fds of the served connection; not
+    counting the trace file (opened at its first record)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if trace is not None and os.readlink(f"/proc/self/fd/{fd}") == str(trace):
+                continue
+        except OSError:
+            continue
+        n += 1
+    return n
+
+
+def fd_targets() -> list[str]:
+    """What this process's fds are (for a leak report)."""
+    out = []
+    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            out.append(f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
+@dataclass
+class InvariantWatch:
+    """``kernel.check_invariants()`` after every model call the server runs
+    through ``_guard`` (every call but the untraced fast-path ioctls; with the
+    trace on or a fault armed, every call), with the lock still held."""
+
+    kernel: Kernel
+    checks: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    def install(self, srv: Server) -> InvariantWatch:
+        orig = srv._guard
+
+        def guard(req: Any, fn: Any, task: Any) -> bytes:
+            try:
+                return orig(req, fn, task)
+            finally:
+                self.checks += 1
+                bad = self.kernel.check_invariants()
+                if bad and len(self.violations) < 20:
+                    self.violations.append(f"after {type(req).__name__} of pid {req.pid}: {bad}")
+
+        srv._guard = guard  # type: ignore[method-assign]
+        return self
+
+
+def _comparable(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k != "faults"}
+
+
+@dataclass
+class FaultWatch:
+    """Around every call through the fault plan: ``describe()`` (without the
+    plan's own records) before and after each injected failure must be equal.
+    The plan fails a call before the model runs it; this proves it."""
+
+    kernel: Kernel
+    injected: int = 0
+    changed: list[str] = field(default_factory=list)
+
+    def install(self) -> FaultWatch:
+        plan = self.kernel.faults
+        for name in ("ioctl", "read", "write", "open"):
+            setattr(plan, name, self._wrap(name, getattr(plan, name)))
+        return self
+
+    def _wrap(self, name: str, orig: Any) -> Any:
+        def call(*args: Any) -> Any:
+            before = _comparable(self.kernel.describe())
+            try:
+                return orig(*args)
+            except InjectedError:
+                self.injected += 1
+                after = _comparable(self.kernel.describe())
+                if after != before and len(self.changed) < 20:
+                    diff = sorted(k for k in before if before[k] != after.get(k))
+                    self.changed.append(f"injected {name} changed {diff}")
+                raise
+
+        return call
+
+
+def functions(kernel: Kernel) -> list[str]:
+    """The BDFs of the tree's vfio-pci functions."""
+    return [d.pdev.name for d in kernel.vfio_devices()]
+
+
+def fuzz_env(kernel: Kernel, *, control: int = 0, unplug_ppm: int = 0, unplug_only: str | None = None,
+             dma: bool = False) -> dict[str, str]:
+    """The environment of a fuzz client: ``control`` of every 1000 steps a
+    control-file command; an unplug command (or unplug fault) names a real
+    function ``unplug_ppm`` times in 1,000,000 (only ``unplug_only`` if given);
+    the DMA engine's node when ``dma`` (the tree's dma-engine function)."""
+    e = {"FUZZ_CONTROL": str(control), "FUZZ_UNPLUG": str(unplug_ppm),
+         "FUZZ_BDFS": ",".join(functions(kernel))}
+    if unplug_only is not None:
+        e["FUZZ_UNPLUG_ONLY"] = unplug_only
+    if dma:
+        eng = [d for d in kernel.vfio_devices() if type(d.behaviour).__name__ == "DmaEngine"]
+        if eng:
+            e["FUZZ_DMA"] = f"vfio/devices/vfio{eng[0].index}"
+    return e
 
 
 async def settle(kernel: Kernel, srv: Server, timeout: float = 20.0) -> tuple[list[str], list[str]]:
@@ -190,22 +313,23 @@ SUITE_MAX_ARGSZ = 1 << 16
 
 
 async def run_client(client: str, mnt: Path, mode: str, seed: int, n: int, timeout: float = 120,
-                     max_argsz: int | None = SUITE_MAX_ARGSZ) -> dict[str, Any]:
+                     max_argsz: int | None = SUITE_MAX_ARGSZ, env: dict[str, str] | None = None) -> dict[str, Any]:
     cap = [] if max_argsz is None else [str(max_argsz)]
     with trio.fail_after(timeout):
         r = await trio.run_process([client, str(mnt), mode, str(seed), str(n), *cap], capture_stdout=True,
-                                   capture_stderr=True, check=False)
+                                   capture_stderr=True, check=False, env=dict(os.environ, **(env or {})))
     if r.returncode != 0:
         raise AssertionError(f"{mode} seed {seed}: exit {r.returncode}: {r.stderr.decode()[-2000:]}")
     return parse_summary(r.stdout.decode())
 
 
 async def run_clients(client: str, mnt: Path, mode: str, seeds: Sequence[int], n: int,
-                      timeout: float = 300, max_argsz: int | None = SUITE_MAX_ARGSZ) -> list[dict[str, Any]]:
+                      timeout: float = 300, max_argsz: int | None = SUITE_MAX_ARGSZ,
+                      env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = [{} for _ in seeds]
 
     async def one(i: int, seed: int) -> None:
-        results[i] = await run_client(client, mnt, mode, seed, n, timeout, max_argsz)
+        results[i] = await run_client(client, mnt, mode, seed, n, timeout, max_argsz, env)
 
     async with trio.open_nursery() as nursery:
         for i, s in enumerate(seeds):
@@ -223,10 +347,24 @@ async def readline(stream: trio.abc.ReceiveStream) -> bytes:
     return out
 
 
-async def kill_one(client: str, mnt: Path, mode: str, seed: int, delay: float) -> int:
+async def start_client(client: str, mnt: Path, mode: str, seed: int, n: int = 100000000,
+                       env: dict[str, str] | None = None) -> trio.Process:
+    """A client started (stdout piped) and under way: its "go" line was read."""
+    p = await trio.lowlevel.open_process([client, str(mnt), mode, str(seed), str(n), str(SUITE_MAX_ARGSZ)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         env=dict(os.environ, **(env or {})))
+    assert p.stdout is not None
+    with trio.fail_after(30):
+        await readline(p.stdout)
+    return p
+
+
+async def kill_one(client: str, mnt: Path, mode: str, seed: int, delay: float,
+                   env: dict[str, str] | None = None) -> int:
     """Start a client, wait for it to be under way plus ``delay`` s, SIGKILL it; its status."""
     p = await trio.lowlevel.open_process([client, str(mnt), mode, str(seed), "100000000", str(SUITE_MAX_ARGSZ)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         env=dict(os.environ, **(env or {})))
     try:
         assert p.stdout is not None
         with trio.fail_after(30):
@@ -241,6 +379,21 @@ async def kill_one(client: str, mnt: Path, mode: str, seed: int, delay: float) -
                 await p.wait()
         if p.stdout is not None:
             await p.stdout.aclose()
+
+
+async def fresh_dma_works(client: str, mnt: Path, kernel: Kernel) -> list[str]:
+    """A new process sets up the DMA engine and checks a copy and a fill byte for byte."""
+    with trio.fail_after(60):
+        r = await trio.run_process([client, str(mnt), "dmacheck", "1", "1"], capture_stdout=True, check=False,
+                                   env=dict(os.environ, **fuzz_env(kernel, dma=True)))
+    return r.stdout.decode().splitlines()
+
+
+async def control(srv: Server, command: str) -> str:
+    """Run one control-file command in the server, as a write to .fakedev/control would."""
+    from fakedev.host import control as C
+
+    return await srv.locked(lambda: C.run_command(srv, command))
 
 
 async def fresh_client_works(kclient: str, mnt: Path) -> list[str]:
