@@ -17,6 +17,7 @@ import pytest
 
 from tests.cli.conftest import unprivileged_python
 from tests.e2e.conftest import FIXTURES, fakedev_run
+from tests.e2e.test_qemu_iommufd import QEMU, UPSTREAM_QEMU_REASON
 
 pytestmark = pytest.mark.needs_root
 
@@ -241,3 +242,30 @@ def test_sysfs_reset_is_a_function_reset() -> None:
     r = fakedev_run("flr-device", ["python3", "-c", RESET])
     assert r.returncode == 0, r.stderr + r.stdout
     assert r.stdout.splitlines() == ["flr bus", "reset 2 EINVAL", "[('0000:02:00.0', 'flr', 'sysfs')]"], r.stdout
+
+
+QEMU_AFTER_BIND = textwrap.dedent(f"""
+    B={F1}
+    D=/sys/bus/pci/devices/$B
+    echo vfio-pci > $D/driver_override
+    echo $B > $D/driver/unbind
+    echo $B > /sys/bus/pci/drivers_probe
+    printf 'system_reset\\nquit\\n' | "$QEMU" -M q35 -accel tcg -nodefaults -display none -m 128 \\
+        -monitor stdio -object iommufd,id=iommufd0 \\
+        -device vfio-pci,host={F0},id=nic0,iommufd=iommufd0 \\
+        -device vfio-pci,host={F1},id=nic1,iommufd=iommufd0 >/dev/null
+    echo "qemu $?"
+    python3 -c 'import json, os; s = json.load(open(os.environ["FAKEDEV_MOUNT"] + "/.fakedev/state.json")); \\
+        print(sorted({{r["bdf"] for r in s["reset_log"] if r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"}}))'
+""")
+
+
+@pytest.mark.skipif(not QEMU, reason=UPSTREAM_QEMU_REASON)
+def test_qemu_uses_a_function_bound_through_sysfs() -> None:
+    """QEMU (host=, --stat-mode: sysfs vfio-dev/vfio1/dev against the new node's
+    rdev) takes both functions after the libvirt sequence, and hot-resets the
+    card through the zero-length array."""
+    r = fakedev_run("host-driver-sibling", ["sh", "-c", f"QEMU={QEMU}\n{QEMU_AFTER_BIND}"],
+                    extra=["--stat-mode"], timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.splitlines()[-2:] == ["qemu 0", f"['{F0}', '{F1}']"], r.stderr + r.stdout
