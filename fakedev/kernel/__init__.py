@@ -22,6 +22,11 @@ The facade is ``fakedev.kernel.kernel.Kernel``:
     k.dma_read(bdf, iova, n); k.dma_write(bdf, iova, data)  # via the IOMMU; EFAULT on a fault
     k.unplug_device(bdf)         # hot removal: REQ now, gone at the holder's last close
     k.unplug_tick(now)           # REQ again every 10 s while pending; -> next deadline
+    k.driver_override_store(bdf, b"vfio-pci\n"); k.driver_override_show(bdf)
+    k.bind_store(drv, b"BDF"); k.unbind_store(drv, b"BDF"); k.drivers_probe_store(b"BDF")
+    k.new_id_store(drv, data); k.remove_id_store(drv, data); k.reset_store(bdf, b"1", pid)
+    k.remove_store(bdf, b"1")    # the sysfs stores: bytes taken, KernelError, or Blocked(pending,
+                                 # retry): the writer waits until pending.done (then retries)
     k.faults.add(parse_spec("call=VFIO_DEVICE_RESET,nth=1,errno=EIO"))  # fakedev.kernel.fault_inject
     k.faults.ioctl(f, task, cmd, arg)   # f.ioctl with the armed faults (also .open/.read/.write)
 """
