@@ -2,7 +2,8 @@
 and the ``dma-read`` / ``dma-write`` control commands.
 
 What lives here: ``HostDmaMemory`` (user memory of the mapping's process
-through process_vm_readv/writev; the file of an IOMMU_IOAS_MAP_FILE mapping
+through process_vm_readv/writev, only while that process lives: not a later
+one that got its pid; the file of an IOMMU_IOAS_MAP_FILE mapping
 through pread/pwrite on the server's own copy of the caller's fd, which the
 mapping holds until its last area is unmapped), ``attach_dma_memory`` (the
 server installs it in the kernel it serves) and the control commands
@@ -78,22 +79,31 @@ def write_file(fd: int, offset: int, data: bytes) -> None:
         done += n
 
 
+def _check_owner(piece: DmaPiece) -> None:
+    """User memory: the mapping's process must still be the one behind ``pid``.
+    Once it has exited (a child that inherited the iommufd keeps the mapping),
+    its pid may belong to another process: EFAULT, never that one's memory."""
+    if piece.pid <= 0:
+        raise KernelError(errno.EFAULT, "mapping has no process")
+    same = getattr(piece.owner, "same_process", None)
+    if same is not None and not same():
+        raise KernelError(errno.EFAULT, f"the process that made the mapping (pid {piece.pid}) is gone")
+
+
 class HostDmaMemory:
     """``fakedev.kernel.dma.DmaMemory`` for the FUSE server: real process memory and files."""
 
     def read(self, piece: DmaPiece) -> bytes:
         if piece.file is not None:
             return read_file(_file_fd(piece), piece.addr, piece.length)
-        if piece.pid <= 0:
-            raise KernelError(errno.EFAULT, "mapping has no process")
+        _check_owner(piece)
         return read_memory(piece.pid, piece.addr, piece.length)
 
     def write(self, piece: DmaPiece, data: bytes) -> None:
         if piece.file is not None:
             write_file(_file_fd(piece), piece.addr, data)
             return
-        if piece.pid <= 0:
-            raise KernelError(errno.EFAULT, "mapping has no process")
+        _check_owner(piece)
         write_memory(piece.pid, piece.addr, data)
 
 

@@ -157,6 +157,21 @@ def tgid_of(tid: int) -> int:
     raise KernelError(errno.ESRCH)
 
 
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/PID/stat field 22);
+    None if there is no such process. With the pid, it names one process: a pid
+    is reused only by a process started later."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    try:
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
 def cap_eff(tid: int) -> int:
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
@@ -286,19 +301,27 @@ class ProcessTask:
     own opens then raises NeedsWorker).
     """
 
-    __slots__ = ("_pid", "ctx", "on_loop", "tid")
+    __slots__ = ("_pid", "_start", "ctx", "on_loop", "tid")
 
     def __init__(self, tid: int, ctx: HostContext, on_loop: bool = True) -> None:
         self.tid = tid
         self.ctx = ctx
         self.on_loop = on_loop
         self._pid = 0
+        self._start: int | None = None
 
     @property
     def pid(self) -> int:
         if not self._pid:
             self._pid = tgid_of(self.tid)
+            self._start = start_time(self._pid)  # while the caller waits in its call: it is this process
         return self._pid
+
+    def same_process(self) -> bool:
+        """Is ``pid`` still the process that made this call? False once it has
+        exited, even if a new process got the same pid (device DMA into the
+        memory of a mapping's process checks this first)."""
+        return bool(self._pid) and self._start is not None and start_time(self._pid) == self._start
 
     def read(self, addr: int, size: int) -> bytes:
         return read_memory(self.tid, addr, size)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 
 from fakedev.kernel.errors import KernelError
 from fakedev.kernel.task import ForeignFile, Task
@@ -95,7 +95,9 @@ class DmaPiece:
     """One contiguous piece of an IOVA range, resolved to its backing memory.
 
     User memory: ``pid`` and ``addr`` (a user virtual address in that
-    process). File memory: ``file`` and ``addr`` (an offset in the file).
+    process); ``owner``, the Task that made the mapping, lets the host check
+    that ``pid`` is still that process (not a later one given the same pid).
+    File memory: ``file`` and ``addr`` (an offset in the file).
     """
 
     iova: int
@@ -104,6 +106,7 @@ class DmaPiece:
     pid: int
     addr: int
     file: ForeignFile | None
+    owner: Task | None = field(default=None, eq=False, repr=False)
 
 
 def _overlaps(a0: int, a1: int, b0: int, b1: int) -> bool:
@@ -357,7 +360,8 @@ class IoPagetable:
         for pages, off, n, prot in self.get_pages(iova, length):
             base = pages.start if pages.is_file else pages.uptr
             cur_iova = iova + sum(p.length for p in out)
-            out.append(DmaPiece(cur_iova, n, prot, pages.pid, base + off, pages.file))
+            out.append(DmaPiece(cur_iova, n, prot, pages.pid, base + off, pages.file,
+                                None if pages.is_file else pages.task))
         return out
 
     def change_process(self, pid: int) -> None:

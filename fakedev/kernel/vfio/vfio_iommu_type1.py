@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 
-from attrs import define
+from attrs import define, field
 
 from fakedev.kernel.errors import KernelError
 from fakedev.kernel.iommu import IommuGroup
@@ -52,6 +52,7 @@ class VfioDma:
     prot: int
     vaddr_invalid: bool = False
     pid: int = 0  # the process whose memory backs the mapping (dma->task)
+    task: Task | None = field(default=None, eq=False, repr=False)  # the caller that made it (DmaPiece.owner)
 
 
 class VfioIommuType1:
@@ -186,6 +187,7 @@ class VfioIommuType1:
             dma.vaddr = vaddr
             dma.vaddr_invalid = False
             dma.pid = task.pid  # vfio_change_dma_owner(): the new vaddr is the caller's
+            dma.task = task
             return 0
         if dma is not None:
             raise KernelError(errno.EEXIST)
@@ -195,7 +197,7 @@ class VfioIommuType1:
         if not any(lo <= iova and last <= hi for lo, hi in self.iova_ranges):
             raise KernelError(errno.EINVAL, "outside the valid IOVA ranges")
         task.pin_pages(vaddr, size, bool(prot & C.VFIO_DMA_MAP_FLAG_WRITE))
-        self.dmas[iova] = VfioDma(iova, size, vaddr, prot, pid=task.pid)
+        self.dmas[iova] = VfioDma(iova, size, vaddr, prot, pid=task.pid, task=task)
         self.dma_avail -= 1
         return 0
 
@@ -219,7 +221,7 @@ class VfioIommuType1:
             if d.iova > cur:
                 break
             end = min(dlast, last)
-            out.append(DmaPiece(cur, end - cur + 1, d.prot, d.pid, d.vaddr + (cur - d.iova), None))
+            out.append(DmaPiece(cur, end - cur + 1, d.prot, d.pid, d.vaddr + (cur - d.iova), None, d.task))
             cur = end + 1
             if cur > last:
                 return out
