@@ -150,6 +150,16 @@ def render_state(state: Mapping[str, Any], *, source: str | None = None) -> str:
                 if u.get("waiting_for"):
                     what += f", waiting for {u['waiting_for']} to be released"
                 lines.append(what)
+    unbinds = state.get("unbinds")
+    if isinstance(unbinds, list) and unbinds:
+        lines.append("unbinds waiting for a release:")
+        for u in unbinds:
+            if isinstance(u, Mapping):
+                lines.append(f"  {u.get('bdf', '?')}: REQ signalled {u.get('requests', 0)} times")
+    overrides = state.get("driver_override")
+    if isinstance(overrides, Mapping) and overrides:
+        lines.append("driver_override:")
+        lines.extend(f"  {bdf}: {drv}" for bdf, drv in sorted(overrides.items()))
     lines.extend(_plain(state))
     return "\n".join(lines)
 

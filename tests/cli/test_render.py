@@ -111,3 +111,19 @@ def test_removals_and_dma_summary() -> None:
     ]
     quiet = render_state({"dma": {"reads": 0, "writes": 0, "faults": 0}, "unplugs": []})
     assert not any(line.startswith(("dma: ", "removals:")) for line in quiet.splitlines())
+
+
+def test_pending_unbinds_and_overrides_summary() -> None:
+    state = {
+        "unbinds": [{"bdf": "0000:01:00.1", "waiting_for": "0000:01:00.1", "requests": 3}],
+        "driver_override": {"0000:01:00.1": "vfio-pci"},
+    }
+    lines = render_state(state).splitlines()
+    assert lines[:4] == [
+        "unbinds waiting for a release:",
+        "  0000:01:00.1: REQ signalled 3 times",
+        "driver_override:",
+        "  0000:01:00.1: vfio-pci",
+    ]
+    assert not any(line.startswith(("unbinds waiting", "driver_override:"))
+                   for line in render_state({"unbinds": [], "driver_override": {}}).splitlines())
