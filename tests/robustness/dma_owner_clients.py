@@ -23,6 +23,8 @@ IOMMU_IOAS_MAP = 0x3B85
 VFIO_DEVICE_BIND_IOMMUFD = 0x3B76
 VFIO_DEVICE_ATTACH_IOMMUFD_PT = 0x3B77
 IOVA = 0x100000
+#: where both processes map their page (far from where libraries and heaps go)
+ADDR = 0x6E0000000000
 
 
 def mapper(mnt: str) -> None:
@@ -33,8 +35,9 @@ def mapper(mnt: str) -> None:
     ioas = struct.unpack("III", a)[2]
     fcntl.ioctl(d, VFIO_DEVICE_BIND_IOMMUFD, bytearray(struct.pack("IIiI", 16, 0, i, 0)))
     fcntl.ioctl(d, VFIO_DEVICE_ATTACH_IOMMUFD_PT, bytearray(struct.pack("III", 12, 0, ioas)))
-    buf = mmap.mmap(-1, mmap.PAGESIZE)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    addr = map_page(ADDR)
+    if addr is None:
+        sys.exit(f"cannot map a page at {ADDR:#x}")
     fcntl.ioctl(i, IOMMU_IOAS_MAP, bytearray(struct.pack("IIIIQQQ", 40, 1 | 2 | 4, ioas, 0, addr, mmap.PAGESIZE, IOVA)))
     holder = os.fork()
     if holder == 0:  # the holder: keeps the iommufd (and the mapping) after the mapper is gone
@@ -47,14 +50,19 @@ def mapper(mnt: str) -> None:
     os._exit(0)
 
 
-def victim(addr: int) -> None:
+def map_page(addr: int) -> int | None:
+    """A zeroed private page at exactly ``addr`` (MAP_FIXED_NOREPLACE), or None."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     map_fixed_noreplace = 0x100000
     p = libc.mmap(addr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE,
                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | map_fixed_noreplace, -1, 0)
-    if p != addr:
+    return addr if p == addr else None
+
+
+def victim(addr: int) -> None:
+    if map_page(addr) is None:
         print("busy", flush=True)
         return
     print("ready", flush=True)
