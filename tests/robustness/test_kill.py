@@ -148,12 +148,21 @@ async def test_kill_with_an_unplug_pending(mnt: Path, fuzz_client: str, kclient:
     monkeypatch.setattr(kernel_module, "UNPLUG_REQUEST_INTERVAL", 0.05)
     rnd = random.Random(5)
     pending_seen = 0
+    ticks: list[float] = []
     order = (*H.FUZZ_UNPLUG_ORDER, "0000:00:1c.0")  # and the NIC's root port: both functions at once
     for i in range(8):
         async with H.served(mnt, H.DMA_NIC) as (k, srv):
             base = H.own_fds()
             env = H.fuzz_env(k, dma=True)
             bdf = order[i % 4]
+            tick = k.unplug_tick
+
+            def counted_tick(now: float | None = None, tick: Any = tick) -> float | None:
+                ticks.append(0.0 if now is None else now)
+                out: float | None = tick(now)
+                return out
+
+            k.unplug_tick = counted_tick  # type: ignore[method-assign]
             procs: list[trio.Process] = []
             try:
                 for mode, n in (("race", 100_000), ("race", 100_000), ("dmaloop", 100_000), ("dma", 10**8)):
@@ -178,6 +187,7 @@ async def test_kill_with_an_unplug_pending(mnt: Path, fuzz_client: str, kclient:
                 out = await H.fresh_client_works(kclient, mnt)
                 assert out[-1] == "reset 0", out
     assert pending_seen >= 6  # most unplugs found their device held
+    assert len(ticks) >= 8  # the server's REQ timer asked again while they were held
 
 
 class KillingMemory:
