@@ -932,18 +932,25 @@ class Server:
         request; the reply is sent once the nodes and sysfs show the change."""
         data = bytes(req.data)
         unique, tid = req.unique, req.pid
+        tracer = self.tracer
+
+        def done(err: int | None, waited: bool) -> bytes:
+            if tracer.enabled:
+                tracer.sysfs_write(tid, attr.sys_rel, data, err, waited=waited)
+            return P.reply_write(unique, len(data)) if err is None else P.reply_error(unique, err)
 
         async def run() -> bytes:
+            waited = False
             while True:
                 async with self.lock:
                     try:
                         res = self._sysattr_store(attr, data, tid)
                     except KernelError as e:
-                        return P.reply_error(unique, e.errno)
+                        return done(e.errno, waited)
                     except Exception:
                         self.unexpected_errors += 1
                         log.exception("sysfs %s %s failed on %r", attr.kind, attr.arg, data)
-                        return P.reply_error(unique, errno.EIO)
+                        return done(errno.EIO, waited)
                     self.refresh_nodes()
                     if getattr(self.kernel, "unplugs", None) or getattr(self.kernel, "unbinds", None):
                         self._start_unplug_timer()
@@ -951,14 +958,15 @@ class Server:
                 pending = getattr(res, "pending", None)
                 if pending is None:
                     await self._notified()
-                    return P.reply_write(unique, len(data))
+                    return done(None, waited)
+                waited = True
                 while not pending.done:
                     if _fatal_signal_pending(tid):
-                        return P.reply_error(unique, errno.EINTR)
+                        return done(errno.EINTR, waited)
                     await trio.sleep(SYSFS_WAIT_POLL)
                 if not res.retry:
                     await self._notified()
-                    return P.reply_write(unique, len(data))
+                    return done(None, waited)
 
         return run
 

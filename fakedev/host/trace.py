@@ -205,6 +205,9 @@ def format_record(rec: Mapping[str, Any]) -> str:
         return f"[pid {pid}] open({rec.get('path', node)}) = {ret}"
     if op == "release":
         return f"[pid {pid}] release(open#{rec.get('open')} {node}) = {ret}"
+    if op == "sysfs-write":
+        line = f"[pid {pid}] write({rec.get('path')}, {json.dumps(rec.get('data', ''))}) = {ret}"
+        return line + (" (waited for the device's release)" if rec.get("waited") else "")
     return f"[pid {pid}] {op} {_plain(dict(rec))}"
 
 
@@ -455,6 +458,17 @@ class Tracer:
         self._emit({"t": time.time(), "op": "release", "pid": task.tid, "node": getattr(file, "label", "?"),
                     "open": fh, "fd": None, "result": 0 if err is None else None,
                     "errno": None if err is None else errname(err)})
+
+    # -- sysfs attribute writes ----------------------------------------------------
+    def sysfs_write(self, tid: int, sys_rel: str, data: bytes, err: int | None, *,
+                    waited: bool = False) -> None:
+        """A write to ``/sys/<sys_rel>`` (bind, unbind, driver_override, ...):
+        what was written, and the result once the write returned (``waited``:
+        it blocked until a device was released, as an unbind of a held device)."""
+        self._emit({"t": time.time(), "op": "sysfs-write", "pid": tid, "path": f"/sys/{sys_rel}",
+                    "data": data[:256].decode(errors="replace"), "size": len(data),
+                    "result": len(data) if err is None else None,
+                    "errno": None if err is None else errname(err), "waited": waited})
 
     # -- ioctls ------------------------------------------------------------------------
     def _read_arg(self, task: ProcessTask, io: ioctls.Ioctl | None, arg: int,

@@ -6,6 +6,7 @@ program holds waits for its release, with REQ signalled."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -150,9 +151,16 @@ HOLDER = textwrap.dedent(f"""
 
 
 @pytest.mark.parametrize("how", ["close", "kill"])
-def test_unbind_of_a_held_device_waits_for_the_release(how: str) -> None:
-    r = fakedev_run("host-driver-sibling", ["python3", "-c", HOLDER, how], timeout=90)
+def test_unbind_of_a_held_device_waits_for_the_release(how: str, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    r = fakedev_run("host-driver-sibling", ["python3", "-c", HOLDER, how], timeout=90,
+                    extra=["--trace", str(trace)])
     assert r.returncode == 0, r.stderr + r.stdout
+    recs = [json.loads(line) for line in trace.read_text().splitlines()]
+    unbinds = [(x["errno"], x["waited"]) for x in recs
+               if x["op"] == "sysfs-write" and x["path"].endswith("/unbind")]
+    # the trace says the write waited, and how it ended
+    assert unbinds == [("EINTR" if how == "kill" else None, True)], unbinds
     lines = r.stdout.splitlines()
     assert lines[:5] == ["ready", "req 1", "writer waits True", "reopen ENODEV", "info 9 5"], r.stdout
     assert lines[5] == f"unbinds ['{F0}']"
@@ -269,3 +277,29 @@ def test_qemu_uses_a_function_bound_through_sysfs() -> None:
                     extra=["--stat-mode"], timeout=300)
     assert r.returncode == 0, r.stderr + r.stdout
     assert r.stdout.splitlines()[-2:] == ["qemu 0", f"['{F0}', '{F1}']"], r.stderr + r.stdout
+
+
+def test_sysfs_writes_are_in_the_trace(tmp_path: Path) -> None:
+    """Each write to a served sysfs attribute is a trace record: the real
+    /sys path, what was written, and the result or errno."""
+    trace = tmp_path / "trace.jsonl"
+    script = (
+        f"echo vfio-pci > /sys/bus/pci/devices/{F1}/driver_override && "
+        f"echo {F1} > /sys/bus/pci/drivers/igb/unbind && "
+        f"echo {F1} > /sys/bus/pci/drivers_probe && "
+        f"(echo {F1} > /sys/bus/pci/drivers/igb/bind || true)"
+    )
+    r = fakedev_run("host-driver-sibling", ["sh", "-c", script],
+                    extra=["--trace", str(trace), "--trace-text"])
+    assert r.returncode == 0, r.stderr
+
+    recs = [json.loads(line) for line in trace.read_text().splitlines()]
+    writes = [(x["path"], x["data"], x["errno"]) for x in recs if x["op"] == "sysfs-write"]
+    assert writes == [
+        (f"/sys/devices/pci0000:00/0000:00:1c.0/{F1}/driver_override", "vfio-pci\n", None),
+        ("/sys/bus/pci/drivers/igb/unbind", f"{F1}\n", None),
+        ("/sys/bus/pci/drivers_probe", f"{F1}\n", None),
+        # the override admits only vfio-pci: igb does not match (bind_store: ENODEV)
+        ("/sys/bus/pci/drivers/igb/bind", f"{F1}\n", "ENODEV"),
+    ], writes
+    assert f'write(/sys/bus/pci/drivers/igb/unbind, "{F1}\\n") = 13' in r.stderr, r.stderr
