@@ -2,7 +2,8 @@
 
 Several FakeProcesses open and close nodes, bind/attach/detach cdevs, use
 the group path (SET_CONTAINER, SET_IOMMU, GET_DEVICE_FD), allocate/map/unmap
-and destroy iommufd objects, ask for and perform hot resets, and exit. After
+and destroy iommufd objects, ask for and perform hot resets, and exit, while
+sysfs writes override, bind, unbind, probe and reset functions. After
 every step: ``check_invariants() == []``, at most one DMA owner per iommu
 group, every bound device's iommufd context alive, iommufd IDs unique, and a
 failed call changed nothing. When every process has exited nothing is left:
@@ -347,6 +348,25 @@ class KernelMachine(RuleBasedStateMachine):
         if grp is not None:
             arg = self._struct(pi, S.VFIO_GROUP_STATUS.pack(argsz=8))
             self._ioctl(pi, grp, IO.VFIO_GROUP_GET_STATUS, arg)
+
+    @rule(b=PICK, drv=st.sampled_from(["vfio-pci", "pcieport", "igb", ""]),
+          op=st.sampled_from(["override", "bind", "unbind", "probe", "reset"]))
+    def sysfs_write(self, b: int, drv: str, op: str) -> None:
+        """A write to a driver-core sysfs attribute, as libvirt or a test script
+        makes them while the processes hold what they hold. An unbind of a held
+        vfio-pci device waits (Blocked) and completes at its last close."""
+        bdfs = [p.name for p in self.topo.devices()] + ["0000:7f:00.0"]
+        bdf = bdfs[b % len(bdfs)]
+        k = self.k
+        line = (bdf + "\n").encode()
+        fns = {
+            "override": lambda: k.driver_override_store(bdf, (drv + "\n").encode()),
+            "bind": lambda: k.bind_store(drv or "vfio-pci", line),
+            "unbind": lambda: k.unbind_store(drv or "vfio-pci", line),
+            "probe": lambda: k.drivers_probe_store(line),
+            "reset": lambda: k.reset_store(bdf, b"1\n", 0),
+        }
+        self._call(fns[op])
 
     # -- invariants ---------------------------------------------------------
     @invariant()
