@@ -132,16 +132,27 @@ async def fuzz_batch(mnt: Path, client: str, kclient: str, seed: int, n: int, *,
         async def more(mode: str, s: int) -> None:
             res.extend(await H.run_clients(client, mnt, mode, [s], n, timeout, max_argsz, env))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(clients)
-            nursery.start_soon(more, "deep", seed + 1)
-            for f in range(fuzzers):
-                nursery.start_soon(more, "fuzz", seed + 2 + f)
-            if test_unplug is not None:
-                await trio.sleep(1.5)
-                bdf = test_unplug
-                if bdf in H.functions(k) and not k.unplug_pending(bdf):  # (a client may have been first)
-                    await srv.locked(lambda: srv.unplug(bdf))
+        memfd_copies = 0
+
+        async def watch_memfds() -> None:  # MAP_FILE mappings hold copies of the clients' memfds
+            nonlocal memfd_copies
+            while True:
+                memfd_copies = max(memfd_copies, sum(1 for t in H.fd_targets() if ":/memfd:" in t))
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as watcher:
+            watcher.start_soon(watch_memfds)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(clients)
+                nursery.start_soon(more, "deep", seed + 1)
+                for f in range(fuzzers):
+                    nursery.start_soon(more, "fuzz", seed + 2 + f)
+                if test_unplug is not None:
+                    await trio.sleep(1.5)
+                    bdf = test_unplug
+                    if bdf in H.functions(k) and not k.unplug_pending(bdf):  # (a client may have been first)
+                        await srv.locked(lambda: srv.unplug(bdf))
+            watcher.cancel_scope.cancel()
         await H.control(srv, "clear")
         inv, lk = await H.settle(k, srv)
         for label, problem in [("invariants", inv), ("leaks", lk), ("invariants after a call", iw.violations),
@@ -176,7 +187,7 @@ async def fuzz_batch(mnt: Path, client: str, kclient: str, seed: int, n: int, *,
                 "unplugged": unplugged, "hot_resets": watch.hot_resets, "dma_reads": dma["reads"],
                 "dma_writes": dma["writes"], "dma_faults": dma["faults"], "checks": iw.checks,
                 "errno": [r["errno"] for r in res], "wall": time.monotonic() - t0,
-                "fresh": fresh}
+                "fresh": fresh, "memfd_copies": memfd_copies}
 
 
 async def test_fuzz_control_dma_unplug(mnt: Path, fuzz_client: str, kclient: str) -> None:
@@ -198,7 +209,9 @@ async def test_fuzz_control_dma_unplug(mnt: Path, fuzz_client: str, kclient: str
         total["unplugs"] += len(out["unplugged"])
         total["dma"] += out["dma_reads"] + out["dma_writes"] + out["dma_faults"]
         total["moved"] += out["dma_reads"] + out["dma_writes"]
+        total["memfd_copies"] = max(total.get("memfd_copies", 0), out["memfd_copies"])
     assert total["calls"] >= 3 * 3 * 2500
     assert total["injected"] >= 10  # calls failed as injected, state compared around each
     assert total["unplugs"] >= 1
     assert total["dma"] > 100 and total["moved"] > 30  # the engine moved data (or faulted) many times
+    assert total["memfd_copies"] > 0  # MAP_FILE fd copies were held (and, per batch, all went)
