@@ -179,8 +179,8 @@ class Server:
             P.Op.ACCESS: lambda r: P.reply_empty(r.unique),
             P.Op.STATFS: lambda r: P.reply_statfs(r.unique, files=len(self._nodes)),
             P.Op.DESTROY: lambda r: P.reply_empty(r.unique),
-            P.Op.FORGET: lambda r: None,
-            P.Op.BATCH_FORGET: lambda r: None,
+            P.Op.FORGET: self._h_forget,
+            P.Op.BATCH_FORGET: self._h_forget,
         }
 
     # -- public ----------------------------------------------------------------
@@ -1036,6 +1036,14 @@ class Server:
             self._unplug_timer_on = False
             if done and getattr(self.kernel, "unplugs", None):
                 self._start_unplug_timer()  # an unplug came in while this timer was ending
+
+    def _h_forget(self, req: P.ForgetRequest | P.BatchForgetRequest) -> None:
+        """The kernel dropped these inodes: a removed node kept for getattr (``_gone``)
+        can go now, no call can name it any more (inode numbers are never reused)."""
+        inos = [req.nodeid] if isinstance(req, P.ForgetRequest) else [ino for ino, _ in req.forgets]
+        for ino in inos:
+            if self._gone.pop(ino, None) is not None:
+                self._devnodes.pop(ino, None)
 
     def _identity(self, req: P.IoctlRequest) -> bytes:
         """Which open is this? Answered only to our own threads (fget's worker)."""
