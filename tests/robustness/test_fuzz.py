@@ -91,10 +91,14 @@ async def test_fuzz_with_the_trace_on(mnt: Path, tmp_path: Path, fuzz_client: st
         inv, lk = await H.settle(k, srv)
         assert (inv, lk, srv.unexpected_errors) == ([], [], 0)
         srv.tracer.flush()
+        injected = k.faults.injected_total
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     assert len(records) > 2000
     assert {r["node"] for r in records} >= {"vfio0", "vfio1", "vfio2", "13", "14", "iommu"}
-    assert any(r.get("injected") for r in records)
+    # every injected failure is in the trace as one, and no failure of the model is marked injected
+    assert injected > 0
+    assert sum(1 for r in records if r.get("injected")) == injected
+    assert all(r["errno"] for r in records if r.get("injected"))
     for r in records:
         assert decode_trace_record(r)
 
