@@ -953,7 +953,8 @@ class Kernel:
                 "next_request": u.next_request,
             } for u in self.unbinds],
             "driver_override": dict(self.driver_override),
-            "resets": len(self.vfio.reset_log),
+            "resets": len(self.vfio.reset_log) + self.vfio.reset_log_dropped,
+            "reset_log_dropped": self.vfio.reset_log_dropped,
             "reset_log": [{"bdf": r.bdf, "method": r.method, "cause": r.cause, "pid": r.pid} for r in self.vfio.reset_log],
             "faults": self.faults.describe(),
         }

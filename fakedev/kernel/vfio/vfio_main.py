@@ -80,7 +80,12 @@ class Vfio:
         self.version = version
         self.clock = clock if clock is not None else _counter()
         self.hooks = KernelHooks()
+        #: the most recent resets (at least ``reset_log_keep``, at most twice
+        #: that: a long-running server must not grow without bound); every
+        #: reset is counted in ``reset_counts`` and ``reset_log_dropped``
         self.reset_log: list[ResetRecord] = []
+        self.reset_log_keep = 10_000
+        self.reset_log_dropped = 0
         self.reset_counts: dict[str, int] = {}
         self.devices: list[VfioDevice] = []
         self.groups: dict[int, VfioGroup] = {}
@@ -97,6 +102,10 @@ class Vfio:
         self.reset_counts[pdev.name] = n
         rec = ResetRecord(pdev.name, method, cause, pid, self.clock(), n)
         self.reset_log.append(rec)
+        if len(self.reset_log) > 2 * self.reset_log_keep:
+            drop = len(self.reset_log) - self.reset_log_keep
+            del self.reset_log[:drop]
+            self.reset_log_dropped += drop
         return rec
 
     def device_of(self, pdev: PciDev) -> VfioDevice | None:
