@@ -627,7 +627,10 @@ class Server:
             except KernelError as e:
                 return P.reply_error(unique, e.errno)
             except NeedsWorker:
-                pass  # run it again below, in a worker
+                # an fd lookup by a call the table does not mark (every ioctl
+                # of the model that looks up fds is marked): safe to run again
+                # only because the model looks fds up before changing anything
+                pass
             except Exception:
                 self.unexpected_errors += 1
                 log.exception("model failed on %r", req)

@@ -109,7 +109,8 @@ IOCTLS: Final[tuple[Ioctl, ...]] = (
     _mk("VFIO_IOMMU_ENABLE", _v(15), {_C, _I}, Arg.NONE),
     _mk("VFIO_DEVICE_IOEVENTFD", _v(16), {_D}, Arg.STRUCT),
     _mk("VFIO_IOMMU_DISABLE", _v(16), {_C, _I}, Arg.NONE),
-    _mk("VFIO_DEVICE_FEATURE", _v(17), {_D}, Arg.STRUCT, S.VFIO_DEVICE_FEATURE, (5, 7)),
+    # takes an eventfd (LOW_POWER_ENTRY_WITH_WAKEUP)
+    _mk("VFIO_DEVICE_FEATURE", _v(17), {_D}, Arg.STRUCT, S.VFIO_DEVICE_FEATURE, (5, 7), takes_fds=True),
     _mk("VFIO_IOMMU_DIRTY_PAGES", _v(17), {_C, _I}, Arg.STRUCT),
     _mk("VFIO_DEVICE_BIND_IOMMUFD", _v(18), {_D}, Arg.STRUCT, S.VFIO_DEVICE_BIND_IOMMUFD, (6, 6), takes_fds=True),
     _mk("VFIO_DEVICE_ATTACH_IOMMUFD_PT", _v(19), {_D}, Arg.STRUCT, S.VFIO_DEVICE_ATTACH_IOMMUFD_PT, (6, 6)),

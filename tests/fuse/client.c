@@ -21,7 +21,7 @@
 #define VFIO_DEVICE_RESET 0x3b6f
 #define VFIO_DEVICE_PCI_HOT_RESET 0x3b71
 #define VFIO_DEVICE_BIND_IOMMUFD 0x3b76
-#define VFIO_DEVICE_FEATURE 0x3b75
+#define RETRY_CMD 0x3b9f /* unknown to fakedev's uapi table (tests/fuse/fakekernel.py) */
 
 struct info { uint32_t argsz, flags, num_regions, num_irqs, cap_offset, pad; };
 struct bind { uint32_t argsz, flags; int32_t iommufd; uint32_t out_devid; };
@@ -116,9 +116,9 @@ int main(int argc, char **argv) {
         int dev = xopen("vfio/devices/vfio0"), io = xopen("iommu");
         int p[2];
         if (pipe(p)) return 3;
-        printf("iommu %d\n", ioctl(dev, VFIO_DEVICE_FEATURE, &io));
-        printf("dev %d\n", ioctl(dev, VFIO_DEVICE_FEATURE, &dev));
-        printf("pipe %d\n", ioctl(dev, VFIO_DEVICE_FEATURE, &p[1]));
+        printf("iommu %d\n", ioctl(dev, RETRY_CMD, &io));
+        printf("dev %d\n", ioctl(dev, RETRY_CMD, &dev));
+        printf("pipe %d\n", ioctl(dev, RETRY_CMD, &p[1]));
         return 0;
     }
     if (!strcmp(mode, "eventfd")) {

@@ -31,6 +31,11 @@ IOMMU = "iommu"
 CONTAINER = "vfio/vfio"
 
 
+
+#: a command the uapi table does not know, so the server cannot know it takes
+#: fds: the fake kernel looks one up anyway (the server's NeedsWorker re-run)
+RETRY_CMD = 0x3B9F
+
 class FakeIommu(File):
     kind = FileKind.IOMMUFD
 
@@ -114,7 +119,7 @@ class FakeDevice(File):
             return 0
         if cmd == I.VFIO_DEVICE_RESET:
             raise RuntimeError("model bug")
-        if cmd == I.VFIO_DEVICE_FEATURE:  # not marked takes_fds, yet looks up an fd
+        if cmd == RETRY_CMD:  # not marked takes_fds (unknown to the table), yet looks up an fd
             (fd,) = struct.unpack("<i", task.read(arg, 4))
             f = task.fget(fd)
             k.feature_threads.add(threading.get_ident())
