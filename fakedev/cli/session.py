@@ -154,7 +154,7 @@ def generate_sysfs_into(root: Path, tree: Any, kernel: Any) -> None:
     topology = getattr(tree, "topology", None)
     if topology is None:
         topology = kernel.topology
-    generate_sysfs(root, topology, kernel.nodes(), vfio_index_of(kernel))
+    generate_sysfs(root, topology, kernel.nodes(), vfio_index_of(kernel), noiommu=kernel.vfio.noiommu)
 
 
 def unplace_node(rel: str, dev: Path = Path("/dev")) -> None:

@@ -88,7 +88,8 @@ def vfio_index_for(topology: PciTopology) -> dict[str, int]:
     """vfioN of each vfio-pci function: probe (topology walk) order, from 0.
 
     A function without an iommu group gets no vfio device (vfio_pci_probe
-    fails without a group unless noiommu mode is on, which is not modelled).
+    fails without a group unless noiommu mode is on; then the kernel model
+    gives it a group at probe: use the kernel's own indexes).
     """
     out: dict[str, int] = {}
     for dev in topology.devices():
@@ -238,6 +239,8 @@ def generate_sysfs(
     topology: PciTopology,
     nodes: Sequence[DevNode],
     vfio_index: Mapping[str, int],
+    *,
+    noiommu: bool = False,
 ) -> None:
     """Write ``root/sys`` for ``topology`` (see module doc).
 
@@ -245,6 +248,7 @@ def generate_sysfs(
     entries (a node not listed gets no ``dev`` file); ``vfio_index`` maps
     BDF -> N of vfioN. ``root`` may hold an earlier generation for the same
     tree (entries are overwritten); entries the new tree lacks are not removed.
+    ``noiommu``: vfio's enable_unsafe_noiommu_mode (the module parameter's value).
     """
     w = _Writer(Path(root))
     by_path = _node_by_path(nodes)
@@ -256,6 +260,8 @@ def generate_sysfs(
     w.file("bus/pci/drivers_probe", "", 0o200)
     w.file("bus/pci/uevent", "", 0o200)
     for rel, value in MODULE_PARAMETERS.items():
+        if rel == "vfio/parameters/enable_unsafe_noiommu_mode" and noiommu:
+            value = "Y\n"
         w.file(f"module/{rel}", value, 0o644)
     groups: dict[int, list[PciDev]] = {}
     drivers: set[str] = set()
@@ -279,15 +285,7 @@ def generate_sysfs(
         if dev.driver is not None:
             w.link(f"bus/pci/drivers/{dev.driver}/{dev.name}", device_path(dev))
     for gid, members in sorted(groups.items()):
-        gdir = f"kernel/iommu_groups/{gid}"
-        w.dir(f"{gdir}/devices")
-        for dev in members:
-            w.link(f"{gdir}/devices/{dev.name}", device_path(dev))
-        w.file(f"{gdir}/reserved_regions", "0x00000000fee00000 0x00000000feefffff msi\n")
-        w.file(f"{gdir}/type", "DMA\n", 0o644)
-        node = by_path.get(f"vfio/{gid}")
-        if node is not None:
-            _write_vfio_group(w, gid, node)
+        _write_iommu_group(w, gid, members, by_path)
     for path, name in (("vfio/vfio", "vfio"), ("iommu", "iommu")):
         node = by_path.get(path)
         if node is None:
@@ -300,13 +298,43 @@ def generate_sysfs(
     _write_slots(w, topology)
 
 
-def _write_vfio_group(w: _Writer, gid: int, node: DevNode) -> None:
-    """The vfio group's class device (``devices/virtual/vfio/<gid>``, ``class/vfio/<gid>``)."""
-    vdir = f"devices/virtual/vfio/{gid}"
+def _vfio_group_node(by_path: Mapping[str, DevNode], gid: int) -> tuple[str, DevNode] | None:
+    """The vfio group node of iommu group ``gid``: ``vfio/<gid>`` or, for a
+    noiommu group, ``vfio/noiommu-<gid>``; (its name, the node) or None."""
+    for name in (str(gid), f"noiommu-{gid}"):
+        node = by_path.get(f"vfio/{name}")
+        if node is not None:
+            return name, node
+    return None
+
+
+def _write_iommu_group(w: _Writer, gid: int, members: Sequence[PciDev], by_path: Mapping[str, DevNode]) -> None:
+    """``kernel/iommu_groups/<gid>`` and its vfio group. A noiommu group (made by
+    vfio_noiommu_group_alloc) is named "vfio-noiommu", has no default domain
+    (type "unknown") and no reserved regions (no IOMMU driver reports any)."""
+    gdir = f"kernel/iommu_groups/{gid}"
+    w.dir(f"{gdir}/devices")
+    for dev in members:
+        w.link(f"{gdir}/devices/{dev.name}", device_path(dev))
+    vg = _vfio_group_node(by_path, gid)
+    if vg is not None and vg[0].startswith("noiommu-"):
+        w.file(f"{gdir}/name", "vfio-noiommu\n")
+        w.file(f"{gdir}/reserved_regions", "")
+        w.file(f"{gdir}/type", "unknown\n", 0o644)
+    else:
+        w.file(f"{gdir}/reserved_regions", "0x00000000fee00000 0x00000000feefffff msi\n")
+        w.file(f"{gdir}/type", "DMA\n", 0o644)
+    if vg is not None:
+        _write_vfio_group(w, vg[0], vg[1])
+
+
+def _write_vfio_group(w: _Writer, name: str, node: DevNode) -> None:
+    """The vfio group's class device (``devices/virtual/vfio/<name>``, ``class/vfio/<name>``)."""
+    vdir = f"devices/virtual/vfio/{name}"
     w.file(f"{vdir}/dev", f"{node.major}:{node.minor}\n")
-    w.file(f"{vdir}/uevent", f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME=vfio/{gid}\n", 0o644)
+    w.file(f"{vdir}/uevent", f"MAJOR={node.major}\nMINOR={node.minor}\nDEVNAME=vfio/{name}\n", 0o644)
     w.link(f"{vdir}/subsystem", "class/vfio")
-    w.link(f"class/vfio/{gid}", vdir)
+    w.link(f"class/vfio/{name}", vdir)
 
 
 def _uevent(dev: PciDev, driver: str | None) -> str:
@@ -457,8 +485,8 @@ def sysfs_view(topology: PciTopology, nodes: Sequence[DevNode], vfio_index: Mapp
         if dev.iommu_group is not None:
             view.iommu_groups.add(dev.iommu_group)
     for n in nodes:
-        gid = n.path.removeprefix("vfio/")
-        if gid != n.path and gid.isdigit():
+        gid = n.path.removeprefix("vfio/").removeprefix("noiommu-")
+        if n.path.startswith("vfio/") and gid.isdigit():
             view.vfio_groups.add(int(gid))
     return view
 
@@ -488,10 +516,11 @@ def remove_function(root: Path, fn: SysfsFunction) -> None:
 
 
 def remove_vfio_group(root: Path, gid: int) -> None:
-    """Take out the entries of the vfio group ``gid`` (its class device)."""
+    """Take out the entries of the vfio group ``gid`` (its class device; ``noiommu-<gid>`` too)."""
     sysdir = os.path.join(os.fspath(root), "sys")
-    _unlink(os.path.join(sysdir, "class/vfio", str(gid)))
-    shutil.rmtree(os.path.join(sysdir, "devices/virtual/vfio", str(gid)), ignore_errors=True)
+    for name in (str(gid), f"noiommu-{gid}"):
+        _unlink(os.path.join(sysdir, "class/vfio", name))
+        shutil.rmtree(os.path.join(sysdir, "devices/virtual/vfio", name), ignore_errors=True)
 
 
 def remove_iommu_group(root: Path, gid: int) -> None:
@@ -515,6 +544,11 @@ def remove_vanished(root: Path, before: SysfsView, after: SysfsView) -> list[str
             shutil.rmtree(os.path.join(sysdir, device_path(fn.dev), "vfio-dev"), ignore_errors=True)
             _unlink(os.path.join(sysdir, "class/vfio-dev", f"vfio{fn.vfio_index}"))
             out.append(f"vfio{fn.vfio_index}")
+        if fn.iommu_group is not None and now.iommu_group != fn.iommu_group:
+            # a noiommu group leaves with vfio-pci (iommu_group_remove_device)
+            _unlink(os.path.join(sysdir, device_path(fn.dev), "iommu_group"))
+            _unlink(os.path.join(sysdir, "kernel/iommu_groups", str(fn.iommu_group), "devices", bdf))
+            out.append(f"{bdf} iommu group {fn.iommu_group}")
         if now.driver != fn.driver and fn.driver is not None:
             _unlink(os.path.join(sysdir, "bus/pci/drivers", fn.driver, bdf))
             _unlink(os.path.join(sysdir, device_path(fn.dev), "driver"))
@@ -551,11 +585,19 @@ def update_sysfs(root: Path, before: SysfsView, after: SysfsView, nodes: Sequenc
         if fn.vfio_index is not None and fn.vfio_index != old.vfio_index:
             _write_vfio_dev(w, fn.dev, fn.vfio_index, by_path)
             out.append(f"vfio{fn.vfio_index}")
+    for bdf, fn in after.functions.items():
+        old = before.functions.get(bdf)
+        if old is not None and fn.iommu_group is not None and old.iommu_group != fn.iommu_group:
+            w.link(f"{device_path(fn.dev)}/iommu_group", f"kernel/iommu_groups/{fn.iommu_group}")
+    for gid in sorted(after.iommu_groups - before.iommu_groups):
+        members = [f.dev for f in after.functions.values() if f.iommu_group == gid]
+        _write_iommu_group(w, gid, members, by_path)
+        out.append(f"iommu group {gid}")
     for gid in sorted(after.vfio_groups - before.vfio_groups):
-        node = by_path.get(f"vfio/{gid}")
-        if node is not None:
-            _write_vfio_group(w, gid, node)
-            out.append(f"vfio group {gid}")
+        vg = _vfio_group_node(by_path, gid)
+        if vg is not None:
+            _write_vfio_group(w, vg[0], vg[1])
+            out.append(f"vfio group {vg[0]}")
     return out
 
 

@@ -40,8 +40,10 @@ BLOCKING_DOMAIN = _Domain("blocking")  # what a user owner gets until it attache
 class IommuGroup:
     """struct iommu_group: id, member functions, DMA owner, current domain."""
 
-    def __init__(self, group_id: int, devices: Iterable[PciDev] = ()) -> None:
+    def __init__(self, group_id: int, devices: Iterable[PciDev] = (), name: str | None = None) -> None:
         self.id = group_id
+        #: iommu_group_set_name(): only VFIO's noiommu groups are named ("vfio-noiommu")
+        self.name = name
         self.devices: list[PciDev] = list(devices)
         #: claims by user owners (VFIO container, iommufd); kernel drivers are
         #: counted from ``devices`` on demand (see ``kernel_owner_cnt``)
@@ -145,6 +147,12 @@ def build_iommu_groups(topology: PciTopology) -> dict[int, IommuGroup]:
             grp = groups[dev.iommu_group] = IommuGroup(dev.iommu_group)
         grp.devices.append(dev)
     return dict(sorted(groups.items()))
+
+
+def iommu_group_alloc_id(groups: dict[int, IommuGroup]) -> int:
+    """The id iommu_group_alloc() takes: the lowest free one (iommu_group_ida)."""
+    used = set(groups)
+    return min(set(range(len(used) + 1)) - used)
 
 
 def iommu_check_invariants(groups: dict[int, IommuGroup]) -> list[str]:

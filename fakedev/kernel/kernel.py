@@ -23,6 +23,7 @@ from fakedev.kernel.iommu import (
     IommuGroup,
     build_iommu_groups,
     iommu_check_invariants,
+    iommu_group_alloc_id,
 )
 from fakedev.kernel.pci import PciDev, PciTopology
 from fakedev.kernel.task import Task
@@ -203,12 +204,13 @@ class Kernel:
     def __init__(self, topology: PciTopology, version: KernelVersion = NEWEST,
                  clock: Callable[[], float] | None = None,
                  behaviours: dict[str, BarBehaviour] | None = None, *, bar_mmap: bool = False,
-                 dma_memory: DmaMemory | None = None) -> None:
+                 dma_memory: DmaMemory | None = None, noiommu: bool = False) -> None:
         self.topology = topology
         self.dma = Dma(dma_memory)
         self.version = version
         self.vfio = Vfio(version, clock)
         self.vfio.bar_mmap = bar_mmap
+        self.vfio.noiommu = noiommu
         self.iommu_groups: dict[int, IommuGroup] = build_iommu_groups(topology)
         self.vfio.iommu_groups = self.iommu_groups
         self._ictx_names: dict[int, str] = {}
@@ -234,21 +236,34 @@ class Kernel:
         #: dynamic ids (new_id) per driver: (vendor, device, subvendor, subdevice, class, mask, data)
         self.dynids: dict[str, list[tuple[int, int, int, int, int, int, int]]] = {}
         for pdev in topology.devices():
-            if pdev.driver == "vfio-pci" and pdev.iommu_group is not None:
+            if pdev.driver == "vfio-pci" and (pdev.iommu_group is not None or noiommu):
                 self._vfio_pci_probe(pdev)
         #: fault injection (fakedev.kernel.fault_inject): rules, hooks, unplugs
         self.faults = FaultPlan(self.vfio, [p.name for p in topology.devices()])
 
     # -- driver binding -------------------------------------------------------------
     def _vfio_pci_probe(self, pdev: PciDev) -> VfioPciDevice:
-        """Models vfio_pci_probe() -> vfio_pci_core_register_device(): index and group minor lowest free."""
+        """Models vfio_pci_probe() -> vfio_pci_core_register_device(): index and group minor lowest free.
+
+        A function without an iommu group, with noiommu mode on, gets a new
+        noiommu group (vfio_noiommu_group_alloc: iommu_group_alloc() takes the
+        lowest free group id, named "vfio-noiommu", the device added to it)
+        and the kernel is tainted.
+        """
+        noiommu = pdev.iommu_group is None
+        if noiommu:
+            assert self.vfio.noiommu
+            gid = iommu_group_alloc_id(self.iommu_groups)
+            self.iommu_groups[gid] = IommuGroup(gid, [pdev], name="vfio-noiommu")
+            pdev.iommu_group = gid
+            self.vfio.tainted = True
         assert pdev.iommu_group is not None
         igroup = self.iommu_groups[pdev.iommu_group]
         group = self.vfio.groups.get(igroup.id)
         if group is None:
             self._dead_groups = [g for g in self._dead_groups if g.opened_file is not None]
             minors = {g.minor for g in self.vfio.groups.values()} | {g.minor for g in self._dead_groups}
-            group = VfioGroup(igroup, minor=min(set(range(len(minors) + 1)) - minors))
+            group = VfioGroup(igroup, minor=min(set(range(len(minors) + 1)) - minors), noiommu=noiommu)
             self.vfio.groups[igroup.id] = group
         used = {d.index for d in self.vfio.devices}
         index = min(set(range(len(used) + 1)) - used)
@@ -494,7 +509,7 @@ class Kernel:
             return -errno.EBUSY
         if driver == VFIO_PCI:
             # vfio_pci_probe(): the denylist, then vfio_pci_core_register_device()
-            if _vfio_pci_denylisted(pdev) or pdev.header_type != 0 or ig is None:
+            if _vfio_pci_denylisted(pdev) or pdev.header_type != 0 or (ig is None and not self.vfio.noiommu):
                 return errno.EINVAL
             pdev.driver = driver
             self._vfio_pci_probe(pdev)
@@ -650,6 +665,14 @@ class Kernel:
         group = dev.group
         group.devices.remove(dev)
         self.vfio.devices.remove(dev)
+        if group.noiommu and group.iommu_group is not None:
+            # vfio_device_remove_group(): iommu_group_remove_device() of the fake group
+            ig = group.iommu_group
+            if dev.pdev in ig.devices:
+                ig.devices.remove(dev.pdev)
+            dev.pdev.iommu_group = None
+            if not ig.devices and self.iommu_groups.get(ig.id) is ig:
+                del self.iommu_groups[ig.id]
         if not group.devices:
             if self.vfio.groups.get(group.id) is group:
                 del self.vfio.groups[group.id]
@@ -735,8 +758,10 @@ class Kernel:
     def nodes(self) -> list[DevNode]:
         out = [DevNode("vfio/vfio", VFIO_MISC_MAJOR, VFIO_MINOR, 0o666)]
         for g in self.vfio.groups.values():
-            out.append(DevNode(f"vfio/{g.id}", VFIO_GROUP_MAJOR, g.minor, 0o600))
+            out.append(DevNode(f"vfio/{g.name}", VFIO_GROUP_MAJOR, g.minor, 0o600))
         for d in self.vfio.devices:
+            if d.group.noiommu:
+                continue  # vfio_device_add(): no cdev for a noiommu device
             out.append(DevNode(f"vfio/devices/vfio{d.index}", VFIO_DEV_MAJOR, d.index, 0o600))
         out.append(DevNode("iommu", VFIO_MISC_MAJOR, IOMMU_MINOR, 0o660))
         return out
@@ -745,7 +770,7 @@ class Kernel:
         """open(2) of /dev/``path``; KernelError as the kernel's open would fail."""
         path = path.removeprefix("/dev/").strip("/")
         if path == "vfio/vfio":
-            return VfioContainerFile(self.version, task.pid)
+            return VfioContainerFile(self.version, task.pid, self.vfio.noiommu)
         if path == "iommu":
             from fakedev.kernel.iommufd.main import iommufd_fops_open
 
@@ -758,13 +783,14 @@ class Kernel:
         if path.startswith("vfio/devices/vfio"):
             num = path.removeprefix("vfio/devices/vfio")
             for d in self.vfio.devices:
-                if num.isdigit() and d.index == int(num):
+                if num.isdigit() and d.index == int(num) and not d.group.noiommu:
                     return vfio_device_fops_cdev_open(d, task)
             raise KernelError(errno.ENOENT, f"/dev/{path}")
         if path.startswith("vfio/"):
-            gid = path.removeprefix("vfio/")
-            if gid.isdigit() and int(gid) in self.vfio.groups:
-                return vfio_group_fops_open(self.vfio.groups[int(gid)], task)
+            name = path.removeprefix("vfio/")
+            for g in self.vfio.groups.values():
+                if g.name == name:
+                    return vfio_group_fops_open(g, task)
         raise KernelError(errno.ENOENT, f"/dev/{path}")
 
     # -- checking and showing ---------------------------------------------------------
@@ -815,7 +841,7 @@ class Kernel:
                     out.append(f"{d.name}: bound to {self._ctx_name(ctx)} but group {ig.id} owner is {ig.owner!r}")
                 if d.open_count == 0:
                     out.append(f"{d.name}: iommufd-bound but not open")
-            elif d.open_count and d.group.container is None:
+            elif d.open_count and d.group.container is None and not d.group.noiommu:
                 out.append(f"{d.name}: open without an iommufd or a container")
             if d.iommufd_attached and d.iommufd_device is None:
                 out.append(f"{d.name}: attached but not bound")
@@ -830,10 +856,18 @@ class Kernel:
                 users = 1 + sum(1 for d in g.devices if d.open_count and d.iommufd_device is None)
                 if g.container_users != users:
                     out.append(f"group {g.id}: container_users {g.container_users} != {users}")
-                if g.iommu_group is not None and g.iommu_group.owner is not g:
+                if not g.noiommu and g.iommu_group is not None and g.iommu_group.owner is not g:
                     out.append(f"group {g.id}: in a container but not the DMA owner")
+                if g.container.noiommu != g.noiommu:
+                    out.append(f"group {g.name}: in a container of the other kind (noiommu)")
                 if g.opened_file is None:
                     out.append(f"group {g.id}: container set but no open file")
+            if g.noiommu:
+                ig1 = g.iommu_group
+                if ig1 is not None and (ig1.owner_cnt or ig1.name != "vfio-noiommu"):
+                    out.append(f"group {g.name}: noiommu group owned or misnamed ({ig1.owner_cnt}, {ig1.name!r})")
+                if any(d.cdev_opened or d.iommufd_device is not None for d in g.devices):
+                    out.append(f"group {g.name}: a noiommu device bound to an iommufd")
             if g.container is not None and g.iommufd is not None:
                 out.append(f"group {g.id}: both a container and an iommufd")
         ids: dict[int, list[int]] = {}
@@ -907,6 +941,8 @@ class Kernel:
             ig = g.iommu_group
             groups.append({
                 "id": g.id,
+                "name": g.name,
+                "noiommu": g.noiommu,
                 "minor": g.minor,
                 "devices": [d.name for d in g.devices],
                 "open": g.opened_file is not None,
@@ -931,6 +967,8 @@ class Kernel:
             ctxs[name] = {"dead": ctx.dead, **ctx.describe()} if not ctx.dead else {"dead": True}
         return {
             "version": str(self.version),
+            "noiommu_mode": self.vfio.noiommu,
+            "tainted": self.vfio.tainted,
             "devices": devices,
             "groups": groups,
             "dev_sets": dev_sets,

@@ -83,6 +83,13 @@ class KernelVersion:
         """
         return self.at_least(6, 10)
 
+    @property
+    def noiommu_iommufd_open_fixed(self) -> bool:
+        """VFIO_GROUP_GET_DEVICE_FD on a noiommu group set to an iommufd opens the
+        device (6.16+, the fix of commit 6086efe73498); 6.6-6.15 return an fd on
+        which every call fails with EINVAL (the open is skipped, access never granted)."""
+        return self.at_least(6, 16)
+
 
 MINIMUM = KernelVersion(6, 6)
 NEWEST = KernelVersion(6, 18)

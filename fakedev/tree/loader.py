@@ -86,7 +86,7 @@ _BUS = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2})$")
 _DRIVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PINS = {"none": 0, "A": 1, "B": 2, "C": 3, "D": 4}
 
-TOP_KEYS = {"kernel", "description", "root_buses", "function", "fault"}
+TOP_KEYS = {"kernel", "description", "root_buses", "function", "fault", "noiommu"}
 
 # [[fault]] kinds (fakedev.kernel.fault_inject: call-fails, unplug, and the
 # KernelHooks ones memory-lock-busy, device-lock-busy, reset-fails)
@@ -126,6 +126,9 @@ class DeviceTree:
     description: str = ""
     #: (BDF, behaviour name) of the functions whose ``behaviour`` is not the default
     behaviours: tuple[tuple[str, str], ...] = ()
+    #: ``noiommu = true``: a machine without an IOMMU (no iommu groups) with
+    #: vfio's enable_unsafe_noiommu_mode set
+    noiommu: bool = False
 
     def make_kernel(self) -> Kernel:
         """A new kernel model (fresh VFIO/iommufd state) over this tree's topology.
@@ -140,7 +143,7 @@ class DeviceTree:
             pdev = self.topology.find(bdf)
             assert pdev is not None
             behaviours[bdf] = make_behaviour(name, pdev)
-        kernel = Kernel(self.topology, version=self.version, behaviours=behaviours)
+        kernel = Kernel(self.topology, version=self.version, behaviours=behaviours, noiommu=self.noiommu)
         for spec in self.faults:
             kernel.faults.add(spec)
         return kernel
@@ -304,6 +307,7 @@ class _Loader:
             except ValueError as e:
                 self.fail(("kernel",), str(e))
         description = self.get_str(doc, "description", (), "")
+        noiommu = self.get_bool(doc, "noiommu", (), False)
 
         funcs_raw = doc.get("function", [])
         if not isinstance(funcs_raw, list) or not all(isinstance(x, dict) for x in funcs_raw):
@@ -312,10 +316,19 @@ class _Loader:
             self.fail((), "the tree has no [[function]] entries", "function")
         fns = [self.parse_function(i, t) for i, t in enumerate(funcs_raw)]
         root_buses = self.parse_root_buses(doc, fns)
+        if noiommu:
+            for f in fns:
+                if isinstance(f.group, int):
+                    self.fn_fail(
+                        f, ("iommu_group",),
+                        "a tree with noiommu = true has no IOMMU, so no iommu groups"
+                        " (vfio-pci gives its functions noiommu groups)",
+                    )
+                f.group = None
         topology = self.build(fns, root_buses)
         faults = self.parse_faults(doc, {f.name for f in fns})
         behaviours = self.parse_behaviours(funcs_raw, fns)
-        return DeviceTree(topology, version, self.path, faults, description, behaviours)
+        return DeviceTree(topology, version, self.path, faults, description, behaviours, noiommu)
 
     def parse_root_buses(self, doc: Mapping[str, Any], fns: list[_Fn]) -> list[tuple[int, int]]:
         if "root_buses" not in doc:

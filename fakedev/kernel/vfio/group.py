@@ -10,6 +10,12 @@ File references: a device opened through a container-backed group holds a
 reference on the group file (``vfio_group_use_container`` does ``get_file``),
 so the group's release only runs after those devices are closed even if the
 user closed the group fd first. ``VfioGroupFile.refs`` models that.
+
+No-IOMMU groups (``VfioGroup.noiommu``, the kernel's VFIO_NO_IOMMU type):
+made by ``vfio_noiommu_group_alloc`` when vfio's enable_unsafe_noiommu_mode is
+set and the device has no iommu group; named "noiommu-<id>" (the node
+/dev/vfio/noiommu-<id>); every open, container attach and device open needs
+CAP_SYS_RAWIO; no DMA ownership is claimed for them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from fakedev.kernel.iommu import (
     IommuGroup,
     iommu_group_dma_owner_claimed,
 )
+from fakedev.kernel.iommufd.vfio_compat import CAP_SYS_RAWIO
 from fakedev.kernel.task import Task
 from fakedev.uapi import consts as C
 from fakedev.uapi import ioctls as IO
@@ -38,8 +45,10 @@ if TYPE_CHECKING:
 class VfioGroup:
     """struct vfio_group: one per iommu group holding at least one VFIO device."""
 
-    def __init__(self, iommu_group: IommuGroup, minor: int) -> None:
+    def __init__(self, iommu_group: IommuGroup, minor: int, *, noiommu: bool = False) -> None:
         self.id = iommu_group.id
+        #: group->type == VFIO_NO_IOMMU
+        self.noiommu = noiommu
         self.iommu_group: IommuGroup | None = iommu_group
         self.minor = minor  # IDA index: the node's minor number
         self.devices: list[VfioDevice] = []
@@ -51,6 +60,11 @@ class VfioGroup:
 
     def __repr__(self) -> str:
         return f"<VfioGroup {self.id}>"
+
+    @property
+    def name(self) -> str:
+        """dev_name of the group device (vfio_create_group): the node is /dev/vfio/<name>."""
+        return f"noiommu-{self.id}" if self.noiommu else str(self.id)
 
     def has_iommu(self) -> bool:
         """Models vfio_group_has_iommu()."""
@@ -64,7 +78,7 @@ class VfioGroupFile(File):
 
     def __init__(self, group: VfioGroup, pid: int | None) -> None:
         self.group = group
-        self.label = str(group.id)
+        self.label = group.name
         self.pid = pid
         self.refs = 1  # the user's fds; +1 per device opened through the container
         self.user_closed = False
@@ -100,6 +114,8 @@ def vfio_group_fops_open(group: VfioGroup, task: Task) -> VfioGroupFile:
     """Models vfio_group_fops_open()."""
     if not group.devices:
         raise KernelError(errno.ENODEV)
+    if group.noiommu and not task.capable(CAP_SYS_RAWIO):
+        raise KernelError(errno.EPERM, "a noiommu group needs CAP_SYS_RAWIO")
     if group.cdev_device_open_cnt:
         raise KernelError(errno.EBUSY, f"a device of group {group.id} is bound through its cdev")
     if group.opened_file is not None:
@@ -166,7 +182,10 @@ def vfio_group_ioctl_set_container(group: VfioGroup, task: Task, arg: int) -> in
         if ictx is None:
             raise KernelError(errno.EBADFD, "not a container or iommufd")
         try:
-            viommufd.compat_ioas_create(ictx)
+            if group.noiommu:
+                viommufd.compat_set_no_iommu(ictx)
+            else:
+                viommufd.compat_ioas_create(ictx)
         except KernelError:
             ictx.put()
             raise
@@ -228,8 +247,16 @@ def vfio_device_open_file(device: VfioDevice, task: Task) -> VfioDeviceFile:
         raise KernelError(errno.EINVAL, "group has no container or iommufd")
     df = VfioDeviceFile(device, group, task.pid)
     df.iommufd = group.iommufd
+    if df.iommufd is not None and group.noiommu and device.open_count == 0:
+        # no translation may have been asked for: no compat IOAS in the context
+        if not task.capable(CAP_SYS_RAWIO) or viommufd.vfio_iommufd_device_has_compat_ioas(device, df.iommufd):
+            raise KernelError(errno.EPERM, "noiommu device: CAP_SYS_RAWIO and no compat IOAS needed")
+        if not device.vfio.version.noiommu_iommufd_open_fixed:
+            # 6.6-6.15 leave here with success: the fd is made, never opened
+            df.iommufd = None
+            return df
     vfio_df_open(df, task)
-    if df.iommufd is not None and device.open_count == 1:
+    if df.iommufd is not None and device.open_count == 1 and not group.noiommu:
         try:
             viommufd.vfio_iommufd_compat_attach_ioas(device, df.iommufd)
         except KernelError:
@@ -245,13 +272,15 @@ def vfio_df_group_close(df: VfioDeviceFile) -> None:
     df.iommufd = None
 
 
-def vfio_device_group_use_iommu(device: VfioDevice) -> None:
+def vfio_device_group_use_iommu(device: VfioDevice, task: Task | None = None) -> None:
     """Models vfio_device_group_use_iommu() / vfio_group_use_container()."""
     group = device.group
     if group.container is None:
         raise KernelError(errno.EINVAL)
     if group.container.iommu_driver is None:
         raise KernelError(errno.EINVAL, "VFIO_SET_IOMMU not done")
+    if group.noiommu and (task is None or not task.capable(CAP_SYS_RAWIO)):
+        raise KernelError(errno.EPERM, "a noiommu device needs CAP_SYS_RAWIO")
     assert group.opened_file is not None
     group.opened_file.get()
     group.container_users += 1

@@ -34,6 +34,18 @@ def compat_ioas_create(ictx: Any) -> None:
     iommufd_vfio_compat_ioas_create(ictx)
 
 
+def compat_set_no_iommu(ictx: Any) -> None:
+    """iommufd_vfio_compat_set_no_iommu() (SET_CONTAINER of a noiommu group with an iommufd)."""
+    from fakedev.kernel.iommufd.vfio_compat import iommufd_vfio_compat_set_no_iommu
+
+    iommufd_vfio_compat_set_no_iommu(ictx)
+
+
+def vfio_iommufd_device_has_compat_ioas(vdev: VfioDevice, ictx: Any) -> bool:
+    """Models vfio_iommufd_device_has_compat_ioas(): the context has a compat IOAS."""
+    return ictx.vfio_ioas is not None
+
+
 def vfio_iommufd_device_ictx(vdev: VfioDevice) -> Any:
     """Models vfio_iommufd_device_ictx(): the context the device is bound to, or None."""
     if vdev.iommufd_device is not None:
@@ -72,6 +84,8 @@ def vfio_df_iommufd_bind(df: VfioDeviceFile) -> int:
     from fakedev.kernel.iommufd.device import iommufd_device_bind
 
     vdev = df.device
+    if vdev.group.noiommu:
+        return 0  # a noiommu device is opened without an iommufd device
     idev = iommufd_device_bind(df.iommufd, vdev.pdev, vdev.iommu_group)
     vdev.iommufd_device = idev
     vdev.iommufd_ictx = df.iommufd

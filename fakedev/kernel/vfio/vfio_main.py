@@ -91,6 +91,11 @@ class Vfio:
         self.groups: dict[int, VfioGroup] = {}
         self.dev_sets: list[VfioDeviceSet] = []
         self.iommu_groups: dict[int, IommuGroup] = {}
+        #: vfio's enable_unsafe_noiommu_mode (vfio_noiommu): devices without an
+        #: iommu group get a noiommu group at registration
+        self.noiommu = False
+        #: TAINT_USER set (a noiommu group was created: vfio_group_find_or_alloc)
+        self.tainted = False
         #: advertise BARs as mmap-able (the kernel's answer; FUSE cannot serve the mmap)
         self.bar_mmap = False
         #: called when the last registration reference of an unregistering device
@@ -338,7 +343,7 @@ def vfio_df_open(df: VfioDeviceFile, task: Task | None) -> None:
         if df.iommufd is not None:
             df.devid = viommufd.vfio_df_iommufd_bind(df)
         else:
-            vgroup.vfio_device_group_use_iommu(device)
+            vgroup.vfio_device_group_use_iommu(device, task)
         try:
             device.open_device(task)
         except KernelError:
