@@ -47,12 +47,15 @@ def render_kernel(kernel: Any) -> str:
     for dev in topology.devices():
         if dev.iommu_group is not None:
             groups.setdefault(dev.iommu_group, []).append(dev.name)
+    noiommu = {v.group.id for v in kernel.vfio_devices() if getattr(v.group, "noiommu", False)}
     lines.append("iommu groups:")
     for gid in sorted(groups):
-        lines.append(f"  {gid}: {' '.join(groups[gid])}")
+        tag = f" (noiommu: /dev/vfio/noiommu-{gid})" if gid in noiommu else ""
+        lines.append(f"  {gid}: {' '.join(groups[gid])}{tag}")
     lines.append("vfio devices:")
     for vdev in sorted(kernel.vfio_devices(), key=lambda v: v.index):
-        lines.append(f"  vfio{vdev.index}: {vdev.pdev.name} (/dev/vfio/devices/vfio{vdev.index})")
+        node = "no cdev: noiommu" if vdev.group.id in noiommu else f"/dev/vfio/devices/vfio{vdev.index}"
+        lines.append(f"  vfio{vdev.index}: {vdev.pdev.name} ({node})")
     try:
         state = kernel.describe()
     except Exception:  # a partial model still shows its topology

@@ -86,9 +86,12 @@ class KernelVersion:
     @property
     def noiommu_iommufd_open_fixed(self) -> bool:
         """VFIO_GROUP_GET_DEVICE_FD on a noiommu group set to an iommufd opens the
-        device (6.16+, the fix of commit 6086efe73498); 6.6-6.15 return an fd on
-        which every call fails with EINVAL (the open is skipped, access never granted)."""
-        return self.at_least(6, 16)
+        device (6.17+: b25e271b3779 "vfio: Fix unbalanced vfio_df_close call in
+        no-iommu mode", also backported to stable series such as 6.12.y). Before
+        (6.6's 6086efe73498 on) it returns an fd whose open was skipped: access is
+        never granted, every call on it fails with EINVAL. The kernel's open_count
+        underflow when such an fd is closed is not modelled (it stays 0)."""
+        return self.at_least(6, 17)
 
 
 MINIMUM = KernelVersion(6, 6)

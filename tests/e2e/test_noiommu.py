@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, fakedev_run
+from tests.e2e.conftest import FIXTURES, REPO, fakedev_cmd, fakedev_env, fakedev_run
 
 pytestmark = pytest.mark.needs_root
 
@@ -82,3 +82,11 @@ def test_sysfs_of_a_noiommu_group(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["vfio-noiommu", "unknown", "../../../../kernel/iommu_groups/0", BDF,
                                 "noiommu-0", "vfio", "no-cdev"]
+
+
+def test_show_names_the_noiommu_group() -> None:
+    r = subprocess.run(fakedev_cmd("show", "--tree", str(FIXTURES / "noiommu.toml")),
+                       capture_output=True, text=True, env=fakedev_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"  0: {BDF} (noiommu: /dev/vfio/noiommu-0)" in r.stdout.splitlines()
+    assert f"  vfio0: {BDF} (no cdev: noiommu)" in r.stdout.splitlines()

@@ -340,8 +340,9 @@ def test_iommufd_set_container_with_a_compat_ioas_is_einval() -> None:
     assert w.call(g, I.VFIO_GROUP_SET_CONTAINER, w.int_arg(w.fd(i))) == -errno.EINVAL
 
 
-def test_iommufd_get_device_fd_opens_the_device() -> None:
-    w = world("6.18")
+@pytest.mark.parametrize("version", ["6.17", "6.18"])
+def test_iommufd_get_device_fd_opens_the_device(version: str) -> None:
+    w = world(version)
     _, g = iommufd_group(w)
     fd = get_device_fd(w, g)
     assert fd >= 0
@@ -352,8 +353,9 @@ def test_iommufd_get_device_fd_opens_the_device() -> None:
     assert dev.open_count == 0 and w.k.check_invariants() == []
 
 
-def test_iommufd_get_device_fd_66_gives_an_unopened_fd() -> None:
-    w = world("6.6")
+@pytest.mark.parametrize("version", ["6.6", "6.16"])
+def test_iommufd_get_device_fd_before_617_gives_an_unopened_fd(version: str) -> None:
+    w = world(version)
     _, g = iommufd_group(w)
     fd = get_device_fd(w, g)
     assert fd >= 0

@@ -252,7 +252,7 @@ def vfio_device_open_file(device: VfioDevice, task: Task) -> VfioDeviceFile:
         if not task.capable(CAP_SYS_RAWIO) or viommufd.vfio_iommufd_device_has_compat_ioas(device, df.iommufd):
             raise KernelError(errno.EPERM, "noiommu device: CAP_SYS_RAWIO and no compat IOAS needed")
         if not device.vfio.version.noiommu_iommufd_open_fixed:
-            # 6.6-6.15 leave here with success: the fd is made, never opened
+            # before 6.17 the open stops here with success: the fd is made, never opened
             df.iommufd = None
             return df
     vfio_df_open(df, task)
