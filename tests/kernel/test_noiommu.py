@@ -427,3 +427,94 @@ def test_unbind_removes_the_noiommu_group_and_rebind_makes_a_new_one() -> None:
     assert k.bind_store("vfio-pci", BDF.encode()) == len(BDF)
     assert [n.path for n in k.nodes()] == ["vfio/vfio", "vfio/noiommu-0", "iommu"]
     assert k.iommu_groups[0].name == "vfio-noiommu" and k.check_invariants() == []
+
+
+SIBLING = """
+noiommu = true
+
+[[function]]
+bdf = "0000:00:1c.0"
+kind = "root-port"
+vendor = 0x8086
+device = 0x9d10
+secondary_bus = 0x04
+driver = "pcieport"
+
+[[function]]
+bdf = "0000:04:00.0"
+vendor = 0x8086
+device = 0x10c9
+class = 0x020000
+driver = "vfio-pci"
+
+[[function]]
+bdf = "0000:04:00.1"
+vendor = 0x8086
+device = 0x10c9
+class = 0x020000
+driver = "igb"
+"""
+
+
+def test_hot_reset_info_with_a_groupless_host_driver_sibling_is_eperm(tmp_path: Path) -> None:
+    p = tmp_path / "sib.toml"
+    p.write_text(SIBLING)
+    t = load_tree(p)
+    w = World(t.make_kernel())
+    assert w.k.topology.find("0000:04:00.1").iommu_group is None  # type: ignore[union-attr]
+    c = opened(w, "vfio/vfio")
+    g = opened(w, "vfio/noiommu-0")
+    assert w.call(g, I.VFIO_GROUP_SET_CONTAINER, w.int_arg(w.fd(c))) == 0
+    assert w.call(c, I.VFIO_SET_IOMMU, C.VFIO_NOIOMMU_IOMMU) == 0
+    fd = w.call(g, I.VFIO_GROUP_GET_DEVICE_FD, w.proc.alloc(b"0000:04:00.0\0"))
+    assert fd >= 0
+    rc, _, _ = hot_reset_info(w, w.proc.fds[fd])
+    assert rc == -errno.EPERM  # vfio_pci_fill_devs: a function without a group cannot be reset
+
+
+def test_group_status_with_an_iommufd_and_unset() -> None:
+    w = world()
+    _, g = iommufd_group(w)
+    lay = S.VFIO_GROUP_STATUS
+    arg = w.proc.alloc(lay.pack(argsz=8))
+    assert w.call(g, I.VFIO_GROUP_GET_STATUS, arg) == 0
+    assert lay.unpack(w.proc.peek(arg, 8))["flags"] == C.VFIO_GROUP_FLAGS_VIABLE | C.VFIO_GROUP_FLAGS_CONTAINER_SET
+    assert w.call(g, I.VFIO_GROUP_UNSET_CONTAINER, 0) == 0
+    assert w.call(g, I.VFIO_GROUP_UNSET_CONTAINER, 0) == -errno.EINVAL
+
+
+def test_two_device_fds_and_closing_the_group_first() -> None:
+    w = world()
+    c, g = container_with_group(w)
+    fd1, fd2 = get_device_fd(w, g), get_device_fd(w, g)
+    assert fd1 >= 0 and fd2 >= 0
+    (dev,) = w.k.vfio_devices()
+    assert dev.open_count == 2 and dev.group.container_users == 2  # one use for the first open
+    g.release()  # the device fds keep the group file
+    assert w.k.check_invariants() == [] and dev.group.container is not None
+    w.proc.close(fd1)
+    w.proc.close(fd2)
+    assert dev.open_count == 0 and dev.group.container is None and dev.group.opened_file is None
+    assert w.k.check_invariants() == []
+    assert w.call(c, I.VFIO_CHECK_EXTENSION, C.VFIO_TYPE1v2_IOMMU) == 1  # the container is empty again
+
+
+def test_unplug_of_an_unused_noiommu_device() -> None:
+    w = world()
+    w.k.unplug_device(BDF)
+    assert [n.path for n in w.k.nodes()] == ["vfio/vfio", "iommu"]
+    assert w.k.iommu_groups == {} and w.k.vfio_devices() == []
+    assert w.k.check_invariants() == []
+
+
+def test_unplug_while_open_keeps_the_group_until_release() -> None:
+    w = world()
+    _, g = container_with_group(w)
+    fd = get_device_fd(w, g)
+    w.k.unplug_device(BDF)
+    assert "vfio/noiommu-0" in [n.path for n in w.k.nodes()]
+    w.proc.close(fd)
+    g.release()
+    w.k.unplug_tick()
+    assert [n.path for n in w.k.nodes()] == ["vfio/vfio", "iommu"]
+    assert w.k.iommu_groups == {} and w.k.check_invariants() == []
