@@ -90,3 +90,20 @@ def test_show_names_the_noiommu_group() -> None:
     assert r.returncode == 0, r.stderr
     assert f"  0: {BDF} (noiommu: /dev/vfio/noiommu-0)" in r.stdout.splitlines()
     assert f"  vfio0: {BDF} (no cdev: noiommu)" in r.stdout.splitlines()
+
+
+def test_unbind_and_rebind_through_sysfs() -> None:
+    script = (
+        f"echo {BDF} > /sys/bus/pci/drivers/vfio-pci/unbind || exit 1; "
+        "echo \"after-unbind $(ls /dev/vfio | tr '\\n' ' ')| $(ls /sys/kernel/iommu_groups | tr '\\n' ' ')"
+        f"| $(ls /sys/class/vfio | tr '\\n' ' ')| $(readlink /sys/bus/pci/devices/{BDF}/iommu_group)\"; "
+        f"echo vfio-pci > /sys/bus/pci/devices/{BDF}/driver_override; "
+        f"echo {BDF} > /sys/bus/pci/drivers/vfio-pci/bind || exit 1; "
+        "echo \"after-bind $(ls /dev/vfio | tr '\\n' ' ')| $(cat /sys/kernel/iommu_groups/0/name)"
+        f"| $(ls /sys/class/vfio | tr '\\n' ' ')| $(readlink /sys/bus/pci/devices/{BDF}/iommu_group)\""
+    )
+    r = fakedev_run("noiommu", ["sh", "-c", script])
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert "after-unbind vfio | | | " in lines
+    assert "after-bind noiommu-0 vfio | vfio-noiommu| noiommu-0 | ../../../../kernel/iommu_groups/0" in lines
