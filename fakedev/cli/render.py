@@ -124,7 +124,7 @@ def _holders(state: Mapping[str, Any]) -> Iterator[str]:
             parts.append("in a container")
         if grp.get("dma_owner"):
             parts.append(f"DMA owned by {grp['dma_owner']}")
-        yield f"  group {grp.get('id', '?')}: {', '.join(parts) or 'free'}"
+        yield f"  group {grp.get('name', grp.get('id', '?'))}: {', '.join(parts) or 'free'}"
 
 
 def render_state(state: Mapping[str, Any], *, source: str | None = None) -> str:
