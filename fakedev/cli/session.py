@@ -154,7 +154,10 @@ def generate_sysfs_into(root: Path, tree: Any, kernel: Any) -> None:
     topology = getattr(tree, "topology", None)
     if topology is None:
         topology = kernel.topology
-    generate_sysfs(root, topology, kernel.nodes(), vfio_index_of(kernel), noiommu=kernel.vfio.noiommu)
+    generate_sysfs(
+        root, topology, kernel.nodes(), vfio_index_of(kernel), noiommu=kernel.vfio.noiommu,
+        enable_sriov=kernel.vfio.enable_sriov,
+    )
 
 
 def unplace_node(rel: str, dev: Path = Path("/dev")) -> None:

@@ -41,6 +41,9 @@ from fakedev.kernel.file import DevNode
 from fakedev.kernel.pci import (
     PCI_CAP_ID_EXP,
     PCI_EXP_TYPE_RC_END,
+    PCI_SRIOV_VF_DID,
+    PCI_SRIOV_VF_OFFSET,
+    PCI_SRIOV_VF_STRIDE,
     BarKind,
     PciDev,
     PciTopology,
@@ -241,6 +244,7 @@ def generate_sysfs(
     vfio_index: Mapping[str, int],
     *,
     noiommu: bool = False,
+    enable_sriov: bool = False,
 ) -> None:
     """Write ``root/sys`` for ``topology`` (see module doc).
 
@@ -261,6 +265,8 @@ def generate_sysfs(
     w.file("bus/pci/uevent", "", 0o200)
     for rel, value in MODULE_PARAMETERS.items():
         if rel == "vfio/parameters/enable_unsafe_noiommu_mode" and noiommu:
+            value = "Y\n"
+        if rel == "vfio_pci/parameters/enable_sriov" and enable_sriov:
             value = "Y\n"
         w.file(f"module/{rel}", value, 0o644)
     groups: dict[int, list[PciDev]] = {}
@@ -421,6 +427,19 @@ def _write_function(
         w.link(f"{d}/driver", f"bus/pci/drivers/{dev.driver}")
     if dev.iommu_group is not None:
         w.link(f"{d}/iommu_group", f"kernel/iommu_groups/{dev.iommu_group}")
+    if dev.is_physfn:
+        # drivers/pci/iov.c: the sriov_* attributes and a virtfnN link per enabled VF
+        for name, value in (
+            ("sriov_totalvfs", dev.sriov_total_vfs), ("sriov_numvfs", dev.sriov_num_vfs),
+            ("sriov_offset", dev.sriov_read(PCI_SRIOV_VF_OFFSET)),
+            ("sriov_stride", dev.sriov_read(PCI_SRIOV_VF_STRIDE)),
+        ):  # fmt: skip
+            w.file(f"{d}/{name}", f"{value}\n")
+        w.file(f"{d}/sriov_vf_device", f"{dev.sriov_read(PCI_SRIOV_VF_DID):x}\n")
+        for i, vf in enumerate(dev.virtfns):
+            w.link(f"{d}/virtfn{i}", device_path(vf))
+    if dev.physfn is not None:
+        w.link(f"{d}/physfn", device_path(dev.physfn))
     pos = dev.find_capability(PCI_CAP_ID_EXP)
     if pos and dev.pcie_type != PCI_EXP_TYPE_RC_END:
         lnkcap = dev.cfg_read(pos + 0x0C, 4)

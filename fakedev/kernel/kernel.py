@@ -204,13 +204,16 @@ class Kernel:
     def __init__(self, topology: PciTopology, version: KernelVersion = NEWEST,
                  clock: Callable[[], float] | None = None,
                  behaviours: dict[str, BarBehaviour] | None = None, *, bar_mmap: bool = False,
-                 dma_memory: DmaMemory | None = None, noiommu: bool = False) -> None:
+                 dma_memory: DmaMemory | None = None, noiommu: bool = False,
+                 enable_sriov: bool = False) -> None:
         self.topology = topology
         self.dma = Dma(dma_memory)
         self.version = version
         self.vfio = Vfio(version, clock)
         self.vfio.bar_mmap = bar_mmap
         self.vfio.noiommu = noiommu
+        #: vfio-pci's enable_sriov module parameter
+        self.vfio.enable_sriov = enable_sriov
         self.iommu_groups: dict[int, IommuGroup] = build_iommu_groups(topology)
         self.vfio.iommu_groups = self.iommu_groups
         self._ictx_names: dict[int, str] = {}
@@ -511,6 +514,9 @@ class Kernel:
             # vfio_pci_probe(): the denylist, then vfio_pci_core_register_device()
             if _vfio_pci_denylisted(pdev) or pdev.header_type != 0 or (ig is None and not self.vfio.noiommu):
                 return errno.EINVAL
+            if pdev.sriov_num_vfs:
+                # vfio_pci_core_register_device(): "Cannot bind to PF with SR-IOV enabled"
+                return errno.EBUSY
             pdev.driver = driver
             self._vfio_pci_probe(pdev)
             return 0
@@ -817,6 +823,23 @@ class Kernel:
                 seen.setdefault(id(g.iommufd), g.iommufd)
         return list(seen.values())
 
+    def _vf_token_invariants(self) -> list[str]:
+        """A PF's VF token users are exactly its open VFs (finish_enable/close_device)."""
+        out: list[str] = []
+        devs = [d for d in self.vfio.devices if isinstance(d, VfioPciDevice)]
+        for d in devs:
+            counted = [v for v in devs if v._token_pf is d]
+            if d.vf_token is None:
+                if counted:
+                    out.append(f"{d.name}: counted as the VF token PF but has no token")
+                continue
+            if d.vf_token.users != len(counted):
+                out.append(f"{d.name}: vf_token users {d.vf_token.users} != {len(counted)} open VFs")
+            for v in counted:
+                if v.open_count == 0 or v.pdev.physfn is not d.pdev:
+                    out.append(f"{v.name}: counted as a VF token user of {d.name} while closed or not its VF")
+        return out
+
     def check_invariants(self) -> list[str]:
         """[] when the model's state is consistent; else one line per violation."""
         from fakedev.kernel.iommufd.main import iommufd_check_invariants
@@ -845,6 +868,7 @@ class Kernel:
                 out.append(f"{d.name}: open without an iommufd or a container")
             if d.iommufd_attached and d.iommufd_device is None:
                 out.append(f"{d.name}: attached but not bound")
+        out.extend(self._vf_token_invariants())
         for vg in self.vfio.groups.values():
             g = vg
             ncdev = sum(1 for d in g.devices if d.cdev_opened)

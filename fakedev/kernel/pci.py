@@ -28,6 +28,19 @@ PCI_COMMAND = 0x04
 PCI_STATUS = 0x06
 PCI_STATUS_CAP_LIST = 0x10
 PCI_REVISION_ID = 0x08
+# SR-IOV extended capability (pci_regs.h)
+PCI_EXT_CAP_ID_SRIOV = 0x10
+PCI_SRIOV_CAP = 0x04
+PCI_SRIOV_CTRL = 0x08
+PCI_SRIOV_CTRL_VFE = 0x0001
+PCI_SRIOV_CTRL_MSE = 0x0008
+PCI_SRIOV_INITIAL_VF = 0x0C
+PCI_SRIOV_TOTAL_VF = 0x0E
+PCI_SRIOV_NUM_VF = 0x10
+PCI_SRIOV_VF_OFFSET = 0x14
+PCI_SRIOV_VF_STRIDE = 0x16
+PCI_SRIOV_VF_DID = 0x1A
+PCI_EXT_CAP_SRIOV_SIZEOF = 0x40
 PCI_CLASS_PROG = 0x09
 PCI_CLASS_DEVICE = 0x0A
 PCI_HEADER_TYPE = 0x0E
@@ -140,6 +153,10 @@ class PciDev:
     subordinate: PciBus | None = None  # the secondary bus if this is a bridge
     irq: int = 0  # legacy irq number shown in sysfs
     reset_methods_override: list[ResetMethod] | None = None
+    #: SR-IOV: the PF of a VF (pci_physfn(); None for anything else)
+    physfn: PciDev | None = None
+    #: SR-IOV: the VFs of a PF, in VF order (those enabled: NumVFs of them)
+    virtfns: list[PciDev] = field(factory=list)
 
     @property
     def domain(self) -> int:
@@ -230,6 +247,32 @@ class PciDev:
             if cid == cap_id:
                 return pos
         return 0
+
+    @property
+    def is_virtfn(self) -> bool:
+        """pdev->is_virtfn: an SR-IOV virtual function."""
+        return self.physfn is not None
+
+    @property
+    def is_physfn(self) -> bool:
+        """pdev->is_physfn: a function with an SR-IOV capability (pci_iov_init succeeded)."""
+        return not self.is_virtfn and self.find_ext_capability(PCI_EXT_CAP_ID_SRIOV) != 0
+
+    def sriov_read(self, reg: int) -> int:
+        """A 16-bit register of the SR-IOV capability (0 if there is none)."""
+        pos = self.find_ext_capability(PCI_EXT_CAP_ID_SRIOV)
+        return self.cfg_read(pos + reg, 2) if pos else 0
+
+    @property
+    def sriov_total_vfs(self) -> int:
+        return self.sriov_read(PCI_SRIOV_TOTAL_VF)
+
+    @property
+    def sriov_num_vfs(self) -> int:
+        """pci_num_vf(): the VFs enabled (NumVFs, with VF Enable set)."""
+        if not self.sriov_read(PCI_SRIOV_CTRL) & PCI_SRIOV_CTRL_VFE:
+            return 0
+        return self.sriov_read(PCI_SRIOV_NUM_VF)
 
     @property
     def is_pcie(self) -> bool:

@@ -34,9 +34,20 @@ from fakedev.kernel.pci import (
     PCI_EXP_TYPE_RC_END,
     PCI_EXP_TYPE_ROOT_PORT,
     PCI_EXT_CAP_ID_ACS,
+    PCI_EXT_CAP_ID_SRIOV,
+    PCI_EXT_CAP_SRIOV_SIZEOF,
     PCI_MSI_FLAGS_64BIT,
     PCI_MSI_FLAGS_MASKBIT,
     PCI_PM_CTRL_NO_SOFT_RESET,
+    PCI_SRIOV_CTRL,
+    PCI_SRIOV_CTRL_MSE,
+    PCI_SRIOV_CTRL_VFE,
+    PCI_SRIOV_INITIAL_VF,
+    PCI_SRIOV_NUM_VF,
+    PCI_SRIOV_TOTAL_VF,
+    PCI_SRIOV_VF_DID,
+    PCI_SRIOV_VF_OFFSET,
+    PCI_SRIOV_VF_STRIDE,
     PCI_STATUS_CAP_LIST,
     Bar,
     BarKind,
@@ -115,6 +126,18 @@ class AfCap:
 
 
 @frozen
+class SriovCap:
+    """An SR-IOV extended capability (a PF): TotalVFs, NumVFs (VF Enable set
+    when non-zero), the routing-id offset and stride of the VFs, their device id."""
+
+    total_vfs: int
+    num_vfs: int = 0
+    vf_offset: int = 0
+    vf_stride: int = 0
+    vf_device: int = 0
+
+
+@frozen
 class BridgeBuses:
     primary: int
     secondary: int
@@ -156,6 +179,7 @@ class FunctionSpec:
     msix: MsixCap | None = None
     af: AfCap | None = None
     acs: bool = False
+    sriov: SriovCap | None = None
     cfg_size: int = field(default=PCI_CFG_SPACE_SIZE)
 
 
@@ -296,7 +320,28 @@ def build_config(spec: FunctionSpec) -> bytearray:
             cap = PCI_ACS_SV | PCI_ACS_RR | PCI_ACS_CR | PCI_ACS_UF
         _put(buf, 0x104, "<H", cap)
         _put(buf, 0x106, "<H", cap)
+    if spec.sriov is not None:
+        if spec.cfg_size != PCI_CFG_SPACE_EXP_SIZE:
+            raise ValueError("SR-IOV is an extended capability: it needs 4096 bytes of config space")
+        pos = 0x140 if spec.acs else 0x100
+        if spec.acs:
+            _put(buf, 0x100, "<I", PCI_EXT_CAP_ID_ACS | (1 << 16) | (pos << 20))
+        _sriov_cap(buf, pos, spec.sriov)
     return buf
+
+
+def _sriov_cap(buf: bytearray, pos: int, sr: SriovCap) -> None:
+    """The SR-IOV capability (PCIe base spec 9.3.3) at ``pos``, last in the chain."""
+    _put(buf, pos, "<I", PCI_EXT_CAP_ID_SRIOV | (1 << 16))
+    ctrl = (PCI_SRIOV_CTRL_VFE | PCI_SRIOV_CTRL_MSE) if sr.num_vfs else 0
+    _put(buf, pos + PCI_SRIOV_CTRL, "<H", ctrl)
+    _put(buf, pos + PCI_SRIOV_INITIAL_VF, "<H", sr.total_vfs)
+    _put(buf, pos + PCI_SRIOV_TOTAL_VF, "<H", sr.total_vfs)
+    _put(buf, pos + PCI_SRIOV_NUM_VF, "<H", sr.num_vfs)
+    _put(buf, pos + PCI_SRIOV_VF_OFFSET, "<H", sr.vf_offset)
+    _put(buf, pos + PCI_SRIOV_VF_STRIDE, "<H", sr.vf_stride)
+    _put(buf, pos + PCI_SRIOV_VF_DID, "<H", sr.vf_device)
+    assert PCI_SRIOV_VF_DID + 2 <= PCI_EXT_CAP_SRIOV_SIZEOF
 
 
 def _bridge_windows(buf: bytearray, spec: FunctionSpec) -> None:

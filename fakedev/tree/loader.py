@@ -55,6 +55,7 @@ from fakedev.tree.config import (
     PcieCap,
     PmCap,
     SlotCap,
+    SriovCap,
     Window,
     bars_from_config,
     build_config,
@@ -86,7 +87,7 @@ _BUS = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2})$")
 _DRIVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PINS = {"none": 0, "A": 1, "B": 2, "C": 3, "D": 4}
 
-TOP_KEYS = {"kernel", "description", "root_buses", "function", "fault", "noiommu"}
+TOP_KEYS = {"kernel", "description", "root_buses", "function", "fault", "noiommu", "enable_sriov"}
 
 # [[fault]] kinds (fakedev.kernel.fault_inject: call-fails, unplug, and the
 # KernelHooks ones memory-lock-busy, device-lock-busy, reset-fails)
@@ -95,13 +96,13 @@ FUNC_KEYS = {
     "bdf", "kind", "vendor", "device", "subsystem_vendor", "subsystem_device", "class",
     "revision", "interrupt_pin", "irq", "bars", "rom_size", "capabilities", "config_size",
     "config_file", "secondary_bus", "slot", "driver", "iommu_group", "reset_methods",
-    "behaviour",
+    "behaviour", "physfn",
 }  # fmt: skip
 FILE_KEYS = {
     "bdf", "config_file", "bars", "rom_size", "irq", "secondary_bus", "slot", "driver",
-    "iommu_group", "reset_methods", "behaviour",
+    "iommu_group", "reset_methods", "behaviour", "physfn",
 }  # fmt: skip
-CAP_KEYS = {"pm", "msi", "msix", "pcie", "af", "acs"}
+CAP_KEYS = {"pm", "msi", "msix", "pcie", "af", "acs", "sriov"}
 
 VFIO_PCI = "vfio-pci"
 
@@ -129,6 +130,9 @@ class DeviceTree:
     #: ``noiommu = true``: a machine without an IOMMU (no iommu groups) with
     #: vfio's enable_unsafe_noiommu_mode set
     noiommu: bool = False
+    #: ``enable_sriov = true``: vfio-pci's enable_sriov module parameter (a PF
+    #: bound to vfio-pci may have VFs enabled only with it)
+    enable_sriov: bool = False
 
     def make_kernel(self) -> Kernel:
         """A new kernel model (fresh VFIO/iommufd state) over this tree's topology.
@@ -143,7 +147,8 @@ class DeviceTree:
             pdev = self.topology.find(bdf)
             assert pdev is not None
             behaviours[bdf] = make_behaviour(name, pdev)
-        kernel = Kernel(self.topology, version=self.version, behaviours=behaviours, noiommu=self.noiommu)
+        kernel = Kernel(self.topology, version=self.version, behaviours=behaviours, noiommu=self.noiommu,
+                        enable_sriov=self.enable_sriov)
         for spec in self.faults:
             kernel.faults.add(spec)
         return kernel
@@ -184,6 +189,7 @@ class _Fn:
     pdev: PciDev | None = None
     subordinate: int = 0
     children: list[_Fn] = field(factory=list)
+    physfn: str | None = None  # the PF's BDF (an SR-IOV VF)
 
     @property
     def is_bridge(self) -> bool:
@@ -308,6 +314,7 @@ class _Loader:
                 self.fail(("kernel",), str(e))
         description = self.get_str(doc, "description", (), "")
         noiommu = self.get_bool(doc, "noiommu", (), False)
+        enable_sriov = self.get_bool(doc, "enable_sriov", (), False)
 
         funcs_raw = doc.get("function", [])
         if not isinstance(funcs_raw, list) or not all(isinstance(x, dict) for x in funcs_raw):
@@ -325,10 +332,14 @@ class _Loader:
                         " (vfio-pci gives its functions noiommu groups)",
                     )
                 f.group = None
+        self.check_sriov(fns, enable_sriov)
         topology = self.build(fns, root_buses)
+        self.link_sriov(fns)
         faults = self.parse_faults(doc, {f.name for f in fns})
         behaviours = self.parse_behaviours(funcs_raw, fns)
-        return DeviceTree(topology, version, self.path, faults, description, behaviours, noiommu)
+        return DeviceTree(
+            topology, version, self.path, faults, description, behaviours, noiommu, enable_sriov
+        )
 
     def parse_root_buses(self, doc: Mapping[str, Any], fns: list[_Fn]) -> list[tuple[int, int]]:
         if "root_buses" not in doc:
@@ -528,6 +539,16 @@ class _Loader:
         if f.file_config is not None and "bars" in t:
             self.check_bars_match_file(f)
 
+        if "physfn" in t:
+            pf = self.get_str(t, "physfn", w)
+            pm = _BDF.match(pf)
+            if not pm:
+                self.fn_fail(f, ("physfn",), f'{pf!r} is not a function address like "0000:01:00.0"')
+            f.physfn = _bdf_from_match(pm)
+            if f.kind != "endpoint":
+                self.fn_fail(f, ("physfn",), f"a VF is an endpoint, not a {f.kind}")
+            if f.physfn == f.name:
+                self.fn_fail(f, ("physfn",), "a function cannot be its own PF")
         if f.file_config is None:
             f.spec = self.parse_generated(f, t, is_bridge, pcie_type)
         return f
@@ -686,13 +707,15 @@ class _Loader:
         revision = self.get_int(t, "revision", w, 0, 0, 0xFF)
         sv = self.get_int(t, "subsystem_vendor", w, 0 if is_bridge else vendor, 0, 0xFFFF)
         sd = self.get_int(t, "subsystem_device", w, 0 if is_bridge else device, 0, 0xFFFF)
-        pin_v = t.get("interrupt_pin", "A")
+        pin_v = t.get("interrupt_pin", "none" if "physfn" in t else "A")
         if isinstance(pin_v, str) and pin_v in _PINS:
             pin = _PINS[pin_v]
         elif isinstance(pin_v, int) and not isinstance(pin_v, bool) and 0 <= pin_v <= 4:
             pin = pin_v
         else:
             self.fn_fail(f, ("interrupt_pin",), f'must be "A".."D", "none" or 0..4, not {pin_v!r}')
+        if pin and "physfn" in t:
+            self.fn_fail(f, ("interrupt_pin",), 'a VF has no INTx pin (interrupt_pin = "none")')
 
         caps_t = self.get_table(t, "capabilities", w) or {}
         cw: tuple[PathElem, ...] = (*w, "capabilities")
@@ -749,6 +772,22 @@ class _Loader:
         if (af_t := self.get_table(caps_t, "af", cw)) is not None:
             self.check_keys(af_t, {"flr"}, (*cw, "af"))
             af = AfCap(self.get_bool(af_t, "flr", (*cw, "af"), True))
+        sriov: SriovCap | None = None
+        if (sr_t := self.get_table(caps_t, "sriov", cw)) is not None:
+            sw = (*cw, "sriov")
+            self.check_keys(sr_t, {"total_vfs", "num_vfs"}, sw)
+            total = self.get_int(sr_t, "total_vfs", sw, lo=1, hi=0xFFFF)
+            num = self.get_int(sr_t, "num_vfs", sw, 0, 0, 0xFFFF)
+            if num > total:
+                self.fn_fail(
+                    f, ("capabilities", "sriov", "num_vfs"),
+                    f"num_vfs {num} is more than total_vfs {total}",
+                )  # fmt: skip
+            if pcie is None or pcie_type in _PORT_TYPES or is_bridge:
+                self.fn_fail(f, ("capabilities", "sriov"), "SR-IOV needs a PCIe endpoint")
+            if "physfn" in t:
+                self.fn_fail(f, ("capabilities", "sriov"), "a VF has no SR-IOV capability of its own")
+            sriov = SriovCap(total, num)
         acs = False
         if "acs" in caps_t:
             a = caps_t["acs"]
@@ -771,6 +810,11 @@ class _Loader:
                 ("capabilities", "acs"),
                 "ACS is an extended capability: it needs config_size = 4096",
             )
+        if sriov is not None and cfg_size != PCI_CFG_SPACE_EXP_SIZE:
+            self.fn_fail(
+                f, ("capabilities", "sriov"),
+                "SR-IOV is an extended capability: it needs config_size = 4096",
+            )  # fmt: skip
         if acs and pcie is None:
             self.fn_fail(
                 f, ("capabilities", "acs"), "ACS needs a PCIe function (extended config space)"
@@ -779,7 +823,7 @@ class _Loader:
             vendor=vendor, device=device, class_code=class_code, revision=revision,
             subsystem_vendor=sv, subsystem_device=sd, interrupt_pin=pin,
             bars=tuple(f.bars), rom_size=f.rom_size, pm=pm, msi=msi, pcie=pcie, msix=msix,
-            af=af, acs=acs, cfg_size=cfg_size,
+            af=af, acs=acs, sriov=sriov, cfg_size=cfg_size,
         )  # fmt: skip
 
     def parse_msix(self, f: _Fn, x: Mapping[str, Any]) -> MsixCap:
@@ -819,6 +863,80 @@ class _Loader:
         return MsixCap(n, tbar, toff, pbar, poff)
 
     # -- the whole topology ---------------------------------------------------
+    def check_sriov(self, fns: list[_Fn], enable_sriov: bool) -> None:
+        """VFs name a PF with an SR-IOV capability; the PF's NumVFs is how many do;
+        their routing ids are the PF's plus First VF Offset and VF Stride (put in
+        the PF's capability); a PF bound to vfio-pci has VFs only with enable_sriov."""
+        by_name = {f.name: f for f in fns}
+        vfs_of: dict[str, list[_Fn]] = {}
+        for f in fns:
+            if f.physfn is None:
+                continue
+            pf = by_name.get(f.physfn)
+            if pf is None:
+                self.fn_fail(f, ("physfn",), f"no function {f.physfn} in the tree")
+            if pf.physfn is not None:
+                self.fn_fail(f, ("physfn",), f"{pf.name} is itself a VF")
+            if pf.spec is not None and pf.spec.sriov is None:
+                self.fn_fail(f, ("physfn",), f"{pf.name} has no SR-IOV capability (capabilities.sriov)")
+            if (f.domain, f.bus, f.devfn) <= (pf.domain, pf.bus, pf.devfn) or f.domain != pf.domain:
+                self.fn_fail(f, ("bdf",), f"a VF's routing id comes after its PF's ({pf.name})")
+            vfs_of.setdefault(pf.name, []).append(f)
+        for f in fns:
+            if f.spec is None or f.spec.sriov is None:
+                continue
+            sr = f.spec.sriov
+            vfs = sorted(vfs_of.get(f.name, []), key=lambda v: (v.bus, v.devfn))
+            if len(vfs) != sr.num_vfs:
+                self.fn_fail(
+                    f, ("capabilities", "sriov", "num_vfs"),
+                    f"num_vfs = {sr.num_vfs} but {len(vfs)} function(s) name {f.name} as physfn",
+                )  # fmt: skip
+            if f.driver == VFIO_PCI and sr.num_vfs and not enable_sriov:
+                self.fn_fail(
+                    f, ("driver",),
+                    "a PF bound to vfio-pci has VFs only with enable_sriov = true at the top of"
+                    " the tree (vfio-pci's sriov_configure refuses otherwise)",
+                )  # fmt: skip
+            if not vfs:
+                continue
+            rid = (f.bus << 8) | f.devfn
+            rids = [(v.bus << 8) | v.devfn for v in vfs]
+            stride = rids[1] - rids[0] if len(rids) > 1 else 1
+            for i, (v, r) in enumerate(zip(vfs, rids, strict=True)):
+                if r != rids[0] + i * stride:
+                    self.fn_fail(
+                        v, ("bdf",),
+                        f"the VFs of {f.name} are not evenly spaced (VF Stride {stride} from {vfs[0].name})",
+                    )  # fmt: skip
+            devices = {v.spec.device for v in vfs if v.spec is not None}
+            if len(devices) > 1:
+                self.fn_fail(vfs[0], ("device",), f"the VFs of {f.name} have different device ids")
+            vf_did = devices.pop() if devices else f.spec.device
+            f.spec = evolve(
+                f.spec, sriov=evolve(sr, vf_offset=rids[0] - rid, vf_stride=stride, vf_device=vf_did)
+            )
+
+    def link_sriov(self, fns: list[_Fn]) -> None:
+        """pdev->physfn of each VF, and the PF's VFs in order."""
+        by_name = {f.name: f for f in fns}
+        for f in sorted(fns, key=lambda g: (g.domain, g.bus, g.devfn)):
+            if f.physfn is None:
+                continue
+            pf = by_name[f.physfn]
+            assert f.pdev is not None and pf.pdev is not None
+            if not pf.pdev.is_physfn:
+                self.fn_fail(f, ("physfn",), f"{pf.name} has no SR-IOV capability in its config space")
+            f.pdev.physfn = pf.pdev
+            pf.pdev.virtfns.append(f.pdev)
+        for f in fns:
+            p = f.pdev
+            if p is not None and p.is_physfn and f.spec is None and len(p.virtfns) != p.sriov_num_vfs:
+                self.fn_fail(
+                    f, ("config_file",),
+                    f"NumVFs is {p.sriov_num_vfs} but {len(p.virtfns)} function(s) name {f.name} as physfn",
+                )  # fmt: skip
+
     def build(self, fns: list[_Fn], root_buses: list[tuple[int, int]]) -> PciTopology:
         by_name: dict[str, _Fn] = {}
         for f in fns:
@@ -927,7 +1045,9 @@ class _Loader:
                 self.fn_fail(
                     f, ("bdf",), "an upstream-port sits behind a root-port or downstream-port"
                 )
-            if ptype in (PCI_EXP_TYPE_ROOT_PORT, PCI_EXP_TYPE_DOWNSTREAM) and f.devfn >> 3 != 0:
+            # (VFs are not found by the bus scan that stops at device 0: pci_iov_add_virtfn)
+            if ptype in (PCI_EXP_TYPE_ROOT_PORT, PCI_EXP_TYPE_DOWNSTREAM) and f.devfn >> 3 != 0 \
+                    and f.physfn is None:
                 assert parent is not None
                 self.fn_fail(
                     f,
@@ -1006,7 +1126,7 @@ class _Loader:
                     bridge=BridgeBuses(bus.number, f.secondary, f.subordinate) if f.secondary is not None else None,
                     io_window=windows[0], mem_window=windows[1], pref_window=windows[2],
                     pm=f.spec.pm, msi=f.spec.msi, pcie=pcie, msix=f.spec.msix, af=f.spec.af,
-                    acs=f.spec.acs, cfg_size=f.spec.cfg_size,
+                    acs=f.spec.acs, sriov=f.spec.sriov, cfg_size=f.spec.cfg_size,
                 )  # fmt: skip
                 pin = spec.interrupt_pin
                 irq = f.irq if f.irq is not None else (_default_irq(f.devfn, pin) if pin else 0)

@@ -92,8 +92,14 @@ def vfio_df_ioctl_bind_iommufd(df: VfioDeviceFile, task: Task, arg: int) -> int:
 
 
 def vfio_df_check_token(device: VfioDevice, bind: dict[str, int], task: Task) -> None:
-    """Models vfio_df_check_token() (kernels with VFIO_DEVICE_BIND_FLAG_TOKEN)."""
+    """Models vfio_df_check_token() (kernels with VFIO_DEVICE_BIND_FLAG_TOKEN, 6.16+:
+    86624ba3b522): a driver with match_token_uuid is asked even when no token
+    is given (a VF of a vfio-pci PF then fails EACCES)."""
+    if not device.has_match_token:
+        device.match_token(None if not bind["flags"] & C.VFIO_DEVICE_BIND_FLAG_TOKEN else b"")
+        return
     if not bind["flags"] & C.VFIO_DEVICE_BIND_FLAG_TOKEN:
+        device.match_token(None)
         return
     uuid = task.read(bind["token_uuid_ptr"], 16)  # EFAULT (a short struct leaves the pointer 0)
     device.match_token(uuid)

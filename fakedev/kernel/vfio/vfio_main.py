@@ -98,6 +98,8 @@ class Vfio:
         self.tainted = False
         #: advertise BARs as mmap-able (the kernel's answer; FUSE cannot serve the mmap)
         self.bar_mmap = False
+        #: vfio-pci's enable_sriov module parameter (vfio_pci_sriov_configure: ENOENT without it)
+        self.enable_sriov = False
         #: called when the last registration reference of an unregistering device
         #: goes (complete(&device->comp) waking vfio_unregister_group_dev)
         self.on_registration_released: Callable[[VfioDevice], None] | None = None
@@ -220,9 +222,16 @@ class VfioDevice:
         """ops->device_feature; a driver without one answers EINVAL (vfio_ioctl_device_feature)."""
         raise KernelError(errno.EINVAL)
 
-    def match_token(self, token: bytes) -> None:
-        """ops->match_token: a BIND token the device does not take is EINVAL."""
-        raise KernelError(errno.EINVAL)
+    #: the driver has ops->match_token_uuid (vfio_df_check_token asks it even without a token)
+    has_match_token = False
+
+    def match_token(self, token: bytes | None) -> None:
+        """ops->match_token_uuid (``token`` None: BIND without VFIO_DEVICE_BIND_FLAG_TOKEN).
+
+        A driver without the op: vfio_df_check_token() refuses a token with
+        EINVAL and accepts its absence."""
+        if token is not None:
+            raise KernelError(errno.EINVAL, "this device takes no token")
 
     def match(self, buf: str) -> int:
         """ops->match: 1 match, 0 no match; KernelError for a malformed token."""

@@ -19,6 +19,8 @@ Version differences (``KernelVersion`` switches):
 from __future__ import annotations
 
 import errno
+import random
+import re
 from typing import TYPE_CHECKING, Any
 
 from fakedev.kernel import pci as P
@@ -59,6 +61,33 @@ if TYPE_CHECKING:
     from ..group import VfioGroup
 
 VGA_REGION_SIZE = 0xC0000
+VF_TOKEN_ARG = "vf_token="
+UUID_STRING_LEN = 36
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def uuid_parse(text: str) -> bytes:
+    """Models uuid_parse() (lib/uuid.c): 36 characters, dashes at 8, 13, 18, 23,
+    hex digits elsewhere (either case); the 16 bytes in string order (uuid_t)."""
+    if not _UUID_RE.fullmatch(text):
+        raise KernelError(errno.EINVAL, f"not a UUID: {text!r}")
+    return bytes.fromhex(text.replace("-", ""))
+
+
+def uuid_string(uuid: bytes) -> str:
+    """%pUb: the UUID's text form."""
+    h = uuid.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class VfioPciVfToken:
+    """struct vfio_pci_vf_token: a vfio-pci PF's VF token and how many of its
+    VFs are open (users, counted at vfio_pci_core_finish_enable / close_device)."""
+
+    def __init__(self) -> None:
+        # vfio_pci_vf_init(): uuid_gen(), a random token nobody knows
+        self.uuid = random.getrandbits(128).to_bytes(16, "big")
+        self.users = 0
 
 
 # --------------------------------------------------------------------------
@@ -152,6 +181,10 @@ class VfioPciDevice(VfioDevice):
         self.needs_reset = False
         self.low_power = False
         self._task: Task | None = None  # the caller of the ioctl in flight (for reset records)
+        #: vdev->vf_token: a PF's token state (vfio_pci_vf_init; None unless an SR-IOV PF)
+        self.vf_token: VfioPciVfToken | None = VfioPciVfToken() if pdev.is_physfn else None
+        #: the PF whose vf_token counts this VF as a user while it is open
+        self._token_pf: VfioPciDevice | None = None
         key, label = vfio_pci_dev_set_key(pdev)
         vfio_assign_device_set(vfio, self, key, label)
 
@@ -188,8 +221,21 @@ class VfioPciDevice(VfioDevice):
         self.vfio.record_reset(self.pdev, method, cause, pid)
 
     # -- open / close -------------------------------------------------------------
+    @property
+    def sriov_pf_core_dev(self) -> VfioPciDevice | None:
+        """vdev->sriov_pf_core_dev: for a VF, its PF's vfio-pci device when the VFs
+        were created by vfio-pci's sriov_configure (the PF bound to vfio-pci with
+        enable_sriov set: the tree loader allows VFs under a vfio-pci PF only then)."""
+        pf = self.pdev.physfn
+        if pf is None or pf.driver != "vfio-pci" or not self.vfio.enable_sriov:
+            return None
+        dev = self.vfio.device_of(pf)
+        return dev if isinstance(dev, VfioPciDevice) and dev.vf_token is not None else None
+
     def open_device(self, task: Task | None) -> None:
-        """Models vfio_pci_core_enable() (open_device)."""
+        """Models vfio_pci_core_enable() (open_device), then
+        vfio_pci_core_finish_enable(): a VF of a vfio-pci PF counts as a user of
+        the PF's VF token."""
         if self.name in self.vfio.hooks.device_lock_contended:
             raise KernelError(errno.EAGAIN, "device lock contended at open")
         pid = task.pid if task is not None else None
@@ -201,9 +247,19 @@ class VfioPciDevice(VfioDevice):
         self.config.reload_bars()
         self.config.enable_decode()
         self.low_power = False
+        pf = self.sriov_pf_core_dev
+        if pf is not None:
+            assert pf.vf_token is not None
+            pf.vf_token.users += 1
+            self._token_pf = pf
 
     def close_device(self, task: Task | None) -> None:
         """Models vfio_pci_core_close_device() -> vfio_pci_core_disable()."""
+        pf = self._token_pf
+        if pf is not None:
+            assert pf.vf_token is not None and pf.vf_token.users > 0
+            pf.vf_token.users -= 1
+            self._token_pf = None
         self.irqs.teardown()
         self.low_power = False
         self.needs_reset = True
@@ -218,42 +274,72 @@ class VfioPciDevice(VfioDevice):
         vfio_pci_dev_set_try_reset(self.dev_set, pid)
 
     def match(self, buf: str) -> int:
-        """Models vfio_pci_core_match(): name prefix, optional ' vf_token=<uuid>'."""
+        """Models vfio_pci_core_match(): the PCI name as a prefix; after it only
+        spaces and one ``vf_token=<uuid>``; then the token rules
+        (vfio_pci_core_match_token_uuid). 1 match, 0 no match, else KernelError."""
         name = self.pdev.name
         if not buf.startswith(name):
             return 0
-        rest = buf[len(name):]
-        if not rest:
-            return 1
-        if rest[0] != " ":
-            return 0
-        vf_token = False
-        parts = rest.split(" ")
-        for p in parts:
-            if not p:
-                continue
-            if not vf_token and p.startswith("vf_token="):
-                val = p[len("vf_token="):]
-                if len(val) < 36:
-                    raise KernelError(errno.EINVAL)
-                vf_token = True
-            else:
-                raise KernelError(errno.EINVAL, f"unknown option {p!r}")
-        if vf_token:
-            # vfio_pci_validate_vf_token(): a token for a device that is neither PF nor VF
-            raise KernelError(errno.EINVAL, "VF token given for a device that is not an SR-IOV PF/VF")
+        uuid: bytes | None = None
+        if len(buf) > len(name):
+            i = len(name)
+            if buf[i] != " ":
+                return 0  # not a space after the name: another device's name
+            while i < len(buf):
+                if buf[i] == " ":
+                    i += 1
+                    continue
+                if uuid is None and buf.startswith(VF_TOKEN_ARG, i):
+                    i += len(VF_TOKEN_ARG)
+                    if len(buf) - i < UUID_STRING_LEN:
+                        raise KernelError(errno.EINVAL, "vf_token too short")
+                    uuid = uuid_parse(buf[i:i + UUID_STRING_LEN])
+                    i += UUID_STRING_LEN
+                else:
+                    raise KernelError(errno.EINVAL, f"unknown or repeated option at {buf[i:]!r}")
+        self.match_token(uuid)
         return 1
 
-    def match_token(self, token: bytes) -> None:
-        """Models vfio_pci_core_match_token() for BIND with a token (not an SR-IOV device)."""
-        raise KernelError(errno.EINVAL, "VF token given for a device that is not an SR-IOV PF/VF")
+    has_match_token = True
+
+    def match_token(self, token: bytes | None) -> None:
+        """Models vfio_pci_core_match_token_uuid() (before 6.16
+        vfio_pci_validate_vf_token()); ``token`` None: none given.
+
+        A VF whose PF is vfio-pci's needs the PF's token (EACCES if missing
+        or wrong); a VF of another PF driver takes none (EINVAL if given). A
+        vfio-pci PF needs the token only while some of its VFs are open
+        (EACCES if missing or wrong); otherwise a token given sets it. Any
+        other device takes none (EINVAL).
+        """
+        if self.pdev.is_virtfn:
+            pf = self.sriov_pf_core_dev
+            if pf is None:
+                if token is not None:
+                    raise KernelError(errno.EINVAL, "VF token given, PF not bound to vfio-pci")
+                return
+            assert pf.vf_token is not None
+            if token is None:
+                raise KernelError(errno.EACCES, "VF token required to access device")
+            if token != pf.vf_token.uuid:
+                raise KernelError(errno.EACCES, "incorrect VF token provided for device")
+        elif self.vf_token is not None:
+            if self.vf_token.users:
+                if token is None:
+                    raise KernelError(errno.EACCES, "VF token required to access device")
+                if token != self.vf_token.uuid:
+                    raise KernelError(errno.EACCES, "incorrect VF token provided for device")
+            elif token is not None:
+                self.vf_token.uuid = token
+        elif token is not None:
+            raise KernelError(errno.EINVAL, "VF token given for a device that is not a PF or VF")
 
     # -- irq counts -----------------------------------------------------------------
     def get_irq_count(self, index: int) -> int:
         """Models vfio_pci_get_irq_count()."""
         pdev = self.pdev
         if index == INTX:
-            return 1 if pdev.interrupt_pin else 0
+            return 1 if pdev.interrupt_pin and not pdev.is_virtfn else 0
         if index == MSI:
             pos = pdev.find_capability(P.PCI_CAP_ID_MSI)
             if pos:
@@ -552,6 +638,8 @@ class VfioPciDevice(VfioDevice):
     def device_feature(self, task: Task, flags: int, arg: int, argsz: int) -> int:
         """Models vfio_pci_core_ioctl_feature()."""
         feature = flags & C.VFIO_DEVICE_FEATURE_MASK
+        if feature == C.VFIO_DEVICE_FEATURE_PCI_VF_TOKEN:
+            return self.feature_token(task, flags, arg, argsz)
         if feature in (C.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY, C.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT):
             if not vfio_check_feature(flags, argsz, C.VFIO_DEVICE_FEATURE_SET, 0):
                 return 0
@@ -567,6 +655,17 @@ class VfioPciDevice(VfioDevice):
             self.low_power = True
             return 0
         raise KernelError(errno.ENOTTY)
+
+    def feature_token(self, task: Task, flags: int, arg: int, argsz: int) -> int:
+        """Models vfio_pci_core_feature_token(): SET only (a GET could show the
+        previous user's token), 16 bytes of uuid_t; ENOTTY unless an SR-IOV PF."""
+        if self.vf_token is None:
+            raise KernelError(errno.ENOTTY, "not an SR-IOV PF")
+        if not vfio_check_feature(flags, argsz, C.VFIO_DEVICE_FEATURE_SET, 16):
+            return 0
+        uuid = task.read(arg, 16)
+        self.vf_token.uuid = uuid
+        return 0
 
     # -- describe --------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -586,6 +685,9 @@ class VfioPciDevice(VfioDevice):
             "reset_works": self.reset_works,
             "needs_reset": self.needs_reset,
             "irqs": self.irqs.describe(),
+            **({"vf_token": uuid_string(self.vf_token.uuid), "vf_token_users": self.vf_token.users}
+               if self.vf_token is not None else {}),
+            **({"physfn": self.pdev.physfn.name} if self.pdev.physfn is not None else {}),
         }
 
 
