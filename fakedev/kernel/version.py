@@ -54,6 +54,13 @@ class KernelVersion:
         return self.at_least(6, 7)
 
     @property
+    def has_atomic_comp_cap(self) -> bool:
+        """VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP in vfio-pci's GET_INFO
+        (vfio_pci_info_atomic_cap, posted May 2023, merged for 6.5): true for
+        every modelled kernel (6.6 on); the switch records when it appeared."""
+        return self.at_least(6, 5)
+
+    @property
     def has_bind_token(self) -> bool:
         """VFIO_DEVICE_BIND_FLAG_TOKEN and PASID attach/detach flags."""
         return self.at_least(6, 16)

@@ -109,6 +109,10 @@ class PcieCap:
     link_width: int = 4
     port_number: int = 0
     slot: SlotCap | None = None
+    #: DevCap2 AtomicOp bits (PCI_EXP_DEVCAP2_ATOMIC_ROUTE / _COMP32 / _COMP64 / _COMP128)
+    atomic_cap: int = 0
+    #: DevCtl2 AtomicOp Egress Blocking (switch ports)
+    atomic_egress_blocked: bool = False
 
 
 @frozen
@@ -257,7 +261,9 @@ def _pcie_body(p: PcieCap) -> bytes:
         _put(body, 0x14 - 2, "<I", sltcap)
         _put(body, 0x18 - 2, "<H", 0x01C0)  # SltCtl: attention indicator off, power indicator on
         _put(body, 0x1A - 2, "<H", PCI_EXP_SLTSTA_PDS if p.slot.occupied else 0)
-    _put(body, 0x24 - 2, "<I", 0x10)  # DevCap2: completion timeout disable supported
+    _put(body, 0x24 - 2, "<I", 0x10 | p.atomic_cap)  # DevCap2: completion timeout disable supported
+    if p.atomic_egress_blocked:
+        _put(body, 0x28 - 2, "<H", 0x0080)  # DevCtl2: AtomicOp Egress Blocking
     return bytes(body)
 
 

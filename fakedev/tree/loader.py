@@ -28,6 +28,10 @@ from fakedev.kernel.fault_inject import FaultSpec, FaultSpecError, make_spec
 from fakedev.kernel.pci import (
     PCI_CFG_SPACE_EXP_SIZE,
     PCI_CFG_SPACE_SIZE,
+    PCI_EXP_DEVCAP2_ATOMIC_COMP32,
+    PCI_EXP_DEVCAP2_ATOMIC_COMP64,
+    PCI_EXP_DEVCAP2_ATOMIC_COMP128,
+    PCI_EXP_DEVCAP2_ATOMIC_ROUTE,
     PCI_EXP_TYPE_DOWNSTREAM,
     PCI_EXP_TYPE_ENDPOINT,
     PCI_EXP_TYPE_LEG_END,
@@ -750,7 +754,12 @@ class _Loader:
         if pcie_type is not None:
             pcie_t = pcie_t if pcie_t is not None else {}
             pw = (*cw, "pcie")
-            self.check_keys(pcie_t, {"flr", "link_speed", "link_width"}, pw)
+            self.check_keys(
+                pcie_t,
+                {"flr", "link_speed", "link_width", "atomic_completer", "atomic_routing",
+                 "atomic_egress_blocked"},
+                pw,
+            )  # fmt: skip
             flr = self.get_bool(pcie_t, "flr", pw, False)
             if flr and pcie_type in _PORT_TYPES:
                 self.fn_fail(
@@ -766,7 +775,17 @@ class _Loader:
                     ("capabilities", "pcie", "link_width"),
                     f"link width x{width} is not a PCIe width",
                 )
-            pcie = PcieCap(pcie_type, flr, speed, width, port_number=f.devfn >> 3, slot=f.slot)
+            atomic = self.parse_atomic(f, pcie_t, pcie_type)
+            egress = self.get_bool(pcie_t, "atomic_egress_blocked", pw, False)
+            if egress and pcie_type not in _PORT_TYPES:
+                self.fn_fail(
+                    f, ("capabilities", "pcie", "atomic_egress_blocked"),
+                    "AtomicOp egress blocking is a port's (root, upstream or downstream)",
+                )  # fmt: skip
+            pcie = PcieCap(
+                pcie_type, flr, speed, width, port_number=f.devfn >> 3, slot=f.slot,
+                atomic_cap=atomic, atomic_egress_blocked=egress,
+            )  # fmt: skip
         if (x_t := self.get_table(caps_t, "msix", cw)) is not None:
             msix = self.parse_msix(f, x_t)
         if (af_t := self.get_table(caps_t, "af", cw)) is not None:
@@ -825,6 +844,34 @@ class _Loader:
             bars=tuple(f.bars), rom_size=f.rom_size, pm=pm, msi=msi, pcie=pcie, msix=msix,
             af=af, acs=acs, sriov=sriov, cfg_size=cfg_size,
         )  # fmt: skip
+
+    def parse_atomic(self, f: _Fn, pcie_t: Mapping[str, Any], pcie_type: int) -> int:
+        """DevCap2 AtomicOp bits: ``atomic_completer`` sizes (32, 64, 128) and
+        ``atomic_routing`` (ports only)."""
+        key: tuple[PathElem, ...] = ("capabilities", "pcie", "atomic_completer")
+        bits = {32: PCI_EXP_DEVCAP2_ATOMIC_COMP32, 64: PCI_EXP_DEVCAP2_ATOMIC_COMP64,
+                128: PCI_EXP_DEVCAP2_ATOMIC_COMP128}  # fmt: skip
+        out = 0
+        sizes = pcie_t.get("atomic_completer", [])
+        if not isinstance(sizes, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in sizes
+        ):
+            self.fn_fail(f, key, "must be an array of operand sizes in bits (32, 64, 128)")
+        for x in sizes:
+            if x not in bits:
+                self.fn_fail(f, key, f"{x} is not an AtomicOp completion size (32, 64 or 128)")
+        if len(set(sizes)) != len(sizes):
+            self.fn_fail(f, key, "a size is listed twice")
+        for x in sizes:
+            out |= bits[x]
+        if self.get_bool(pcie_t, "atomic_routing", ("function", f.index, *key[:2]), False):
+            if pcie_type not in _PORT_TYPES:
+                self.fn_fail(
+                    f, ("capabilities", "pcie", "atomic_routing"),
+                    "AtomicOp routing is a port's (root, upstream or downstream)",
+                )  # fmt: skip
+            out |= PCI_EXP_DEVCAP2_ATOMIC_ROUTE
+        return out
 
     def parse_msix(self, f: _Fn, x: Mapping[str, Any]) -> MsixCap:
         xw: tuple[PathElem, ...] = ("function", f.index, "capabilities", "msix")
@@ -1112,10 +1159,7 @@ class _Loader:
                 occupied = bool(on_bus.get((bus.domain, f.secondary or -1)))
                 pcie = f.spec.pcie
                 if pcie is not None and pcie.slot is not None:
-                    pcie = PcieCap(
-                        pcie.port_type, pcie.flr, pcie.link_speed, pcie.link_width,
-                        pcie.port_number, SlotCap(pcie.slot.number, pcie.slot.hotplug, occupied),
-                    )  # fmt: skip
+                    pcie = evolve(pcie, slot=SlotCap(pcie.slot.number, pcie.slot.hotplug, occupied))
                 spec = FunctionSpec(
                     vendor=f.spec.vendor, device=f.spec.device, class_code=f.spec.class_code,
                     revision=f.spec.revision, subsystem_vendor=f.spec.subsystem_vendor,

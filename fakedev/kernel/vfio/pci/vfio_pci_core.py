@@ -133,6 +133,46 @@ def vfio_pci_slot_or_bus_devices(pdev: PciDev, slot: bool) -> list[PciDev]:
     return out
 
 
+def pcie_capability_read_dword(pdev: PciDev, reg: int) -> int:
+    """pcie_capability_read_dword(): 0 without a PCIe capability, and 0 for the
+    v2 registers (DevCap2 on) of a version 1 capability."""
+    pos = pdev.find_capability(P.PCI_CAP_ID_EXP)
+    if not pos:
+        return 0
+    if reg >= P.PCI_EXP_DEVCAP2 and pdev.cfg_read(pos + P.PCI_EXP_FLAGS, 2) & 0xF < 2:
+        return 0
+    return pdev.cfg_read(pos + reg, 4)
+
+
+def pci_enable_atomic_ops_to_root(pdev: PciDev, cap_mask: int) -> bool:
+    """Models pci_enable_atomic_ops_to_root() == 0 (drivers/pci/pci.c, before
+    the late-2025 root-port rework): not for a VF; only (legacy / RC
+    integrated) endpoints request; every switch port above must route
+    AtomicOps, an upstream port must not block their egress, and the root
+    port must complete every size in ``cap_mask``. The AtomicOp Requester
+    Enable bit the kernel then sets in the device's DevCtl2 is not modelled."""
+    if pdev.is_virtfn or not pdev.is_pcie:
+        return False
+    if pdev.pcie_type not in (P.PCI_EXP_TYPE_ENDPOINT, P.PCI_EXP_TYPE_LEG_END, P.PCI_EXP_TYPE_RC_END):
+        return False
+    bus = pdev.bus
+    while bus.parent is not None and bus.self_bridge is not None:
+        bridge = bus.self_bridge
+        cap = pcie_capability_read_dword(bridge, P.PCI_EXP_DEVCAP2)
+        ptype = bridge.pcie_type if bridge.is_pcie else None
+        if ptype in (P.PCI_EXP_TYPE_UPSTREAM, P.PCI_EXP_TYPE_DOWNSTREAM):
+            if not cap & P.PCI_EXP_DEVCAP2_ATOMIC_ROUTE:
+                return False
+        elif ptype == P.PCI_EXP_TYPE_ROOT_PORT and cap & cap_mask != cap_mask:
+            return False
+        if ptype == P.PCI_EXP_TYPE_UPSTREAM:
+            ctl2 = pcie_capability_read_dword(bridge, P.PCI_EXP_DEVCTL2) & 0xFFFF
+            if ctl2 & P.PCI_EXP_DEVCTL2_ATOMIC_EGRESS_BLOCK:
+                return False
+        bus = bus.parent
+    return True
+
+
 def function_reset_method(pdev: PciDev) -> str | None:
     """What pci_reset_function() would use: the first method whose probe succeeds.
 
@@ -378,8 +418,25 @@ class VfioPciDevice(VfioDevice):
         finally:
             self._task = None
 
+    def info_atomic_cap(self) -> bytes | None:
+        """Models vfio_pci_info_atomic_cap(): the PF's DevCap2 completer sizes the
+        path to the root supports (a VF reports its PF's); None (-ENODEV) if none."""
+        pdev = self.pdev.physfn or self.pdev
+        devcap2 = pcie_capability_read_dword(pdev, P.PCI_EXP_DEVCAP2)
+        flags = 0
+        for bit, out in ((P.PCI_EXP_DEVCAP2_ATOMIC_COMP32, C.VFIO_PCI_ATOMIC_COMP32),
+                         (P.PCI_EXP_DEVCAP2_ATOMIC_COMP64, C.VFIO_PCI_ATOMIC_COMP64),
+                         (P.PCI_EXP_DEVCAP2_ATOMIC_COMP128, C.VFIO_PCI_ATOMIC_COMP128)):
+            if devcap2 & bit and pci_enable_atomic_ops_to_root(pdev, bit):
+                flags |= out
+        if not flags:
+            return None
+        return S.VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP.pack(
+            id=C.VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP, version=1, flags=flags)
+
     def ioctl_get_info(self, df: VfioDeviceFile, task: Task, arg: int) -> int:
-        """Models vfio_pci_ioctl_get_info() (6.6: copy-back min(argsz, 24); no caps modelled)."""
+        """Models vfio_pci_ioctl_get_info() (6.6: copy-back min(argsz, 24)); the
+        only capability modelled is the AtomicOp completer one (no s390 zPCI)."""
         lay = S.VFIO_DEVICE_INFO
         minsz = lay.offsetofend("num_irqs")
         info = lay.unpack(task.read(arg, minsz), partial=True)
@@ -391,6 +448,19 @@ class VfioPciDevice(VfioDevice):
         info["num_irqs"] = C.VFIO_PCI_NUM_IRQS
         info["cap_offset"] = 0
         info["pad"] = 0
+        caps: list[bytes] = []
+        if self.vfio.version.has_atomic_comp_cap:
+            atomic = self.info_atomic_cap()
+            if atomic is not None:
+                caps.append(atomic)
+        chain = build_cap_chain(caps, lay.size)
+        if chain:
+            info["flags"] |= C.VFIO_DEVICE_FLAGS_CAPS
+            if info["argsz"] < lay.size + len(chain):
+                info["argsz"] = lay.size + len(chain)
+            else:
+                task.write(arg + lay.size, chain)
+                info["cap_offset"] = lay.size
         task.write(arg, lay.pack(info)[:copysz])
         return 0
 
