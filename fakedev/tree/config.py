@@ -347,6 +347,8 @@ def _sriov_cap(buf: bytearray, pos: int, sr: SriovCap) -> None:
     _put(buf, pos + PCI_SRIOV_VF_OFFSET, "<H", sr.vf_offset)
     _put(buf, pos + PCI_SRIOV_VF_STRIDE, "<H", sr.vf_stride)
     _put(buf, pos + PCI_SRIOV_VF_DID, "<H", sr.vf_device)
+    _put(buf, pos + 0x1C, "<I", 0x553)  # Supported Page Sizes: 4K 8K 64K 256K 1M 4M
+    _put(buf, pos + 0x20, "<I", 0x1)  # System Page Size: 4K
     assert PCI_SRIOV_VF_DID + 2 <= PCI_EXT_CAP_SRIOV_SIZEOF
 
 
