@@ -132,6 +132,9 @@ class Server:
         self._devnodes: dict[int, DevNode] = {}
         self._next_fh = 1
         # -- node refresh and unplug (see "topology changes") --
+        set_clock = getattr(kernel, "set_unplug_clock", None)
+        if set_clock is not None:  # the REQ re-request timer runs on real time
+            set_clock(time.monotonic)
         #: where the generated sysfs lives (``<root>/sys/...``), kept in step
         #: with the model's removals; None: no sysfs to maintain
         self.sysfs_root: Path | None = None
@@ -616,8 +619,7 @@ class Server:
         arg = req.arg
         unique = req.unique
         tracer = self.tracer
-        faults = self.faults
-        if faults.armed:
+        if self.faults.armed:
             # counted once: never started on the loop and retried in a worker
             worker = True
         if not worker and not tracer.enabled and not self.lock.locked():
@@ -641,18 +643,13 @@ class Server:
                 return P.reply_ioctl(unique, res)
             worker = True
 
-        def call(task: ProcessTask) -> int:
-            if not faults.armed:
-                return f.ioctl(task, cmd, arg)
-            return self.model_ioctl(f, task, cmd, arg)
-
         def fn(task: ProcessTask) -> bytes:
             if not tracer.enabled:
-                res = call(task)
+                res = self.model_ioctl(f, task, cmd, arg)
             else:
                 before = tracer.ioctl_before(task, f, cmd, arg, req.fh, self._paths.get(req.fh))
                 try:
-                    res = call(task)
+                    res = self.model_ioctl(f, task, cmd, arg)
                 except KernelError as e:
                     tracer.ioctl_after(task, f, self._paths.get(req.fh), cmd, arg, before, None, e.errno,
                                        injected=isinstance(e, InjectedError))
@@ -763,9 +760,6 @@ class Server:
         unplug_device = getattr(self.kernel, "unplug_device", None)
         if unplug_device is None:
             raise KernelError(errno.ENOSYS, "this model cannot unplug devices")
-        set_clock = getattr(self.kernel, "set_unplug_clock", None)
-        if set_clock is not None:
-            set_clock(time.monotonic)
         unplug_device(bdf)
         self.refresh_nodes()
         if getattr(self.kernel, "unplugs", None):
@@ -910,20 +904,12 @@ class Server:
     def _sysattr_store(self, attr: SYS.SysAttr, data: bytes, pid: int) -> Any:
         """The model's store for ``attr`` (model lock held): an int, or a ``Blocked``."""
         k: Any = self.kernel
-        set_clock = getattr(k, "set_unplug_clock", None)
-        if set_clock is not None:
-            set_clock(time.monotonic)
         kind, arg = attr.kind, attr.arg
-        if kind == "driver_override":
-            return k.driver_override_store(arg, data)
         if kind == "drivers_probe":
             return k.drivers_probe_store(data)
         if kind == "reset":
             return k.reset_store(arg, data, pid)
-        if kind == "remove":
-            return k.remove_store(arg, data)
-        store = getattr(k, f"{kind}_store")
-        return store(arg, data)
+        return getattr(k, f"{kind}_store")(arg, data)
 
     def _write_sysattr(self, req: P.WriteRequest, attr: SYS.SysAttr) -> Deferred:
         """A write to a sysfs attribute. It returns when the kernel's would: at
