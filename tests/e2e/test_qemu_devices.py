@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_qemu_iommufd import UPSTREAM_QEMU_REASON, Run, run_qemu
+from tests.e2e.qemu import Run, run_qemu
+from tests.e2e.test_qemu_iommufd import UPSTREAM_QEMU_REASON
 
 pytestmark = [pytest.mark.needs_root]
 

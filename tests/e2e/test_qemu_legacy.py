@@ -3,30 +3,24 @@ upstream QEMU given no iommufd object when ``FAKEDEV_QEMU`` names one) realizes
 fake vfio-pci devices under ``fakedev run --supervise`` and hot-resets them on
 QMP ``system_reset``.
 
-Inside the run, a small QMP driver (below) starts QEMU with ``-qmp stdio``,
-checks the devices in ``query-pci``, snapshots the model's state before and
-after ``system_reset`` (QEMU still running: no reset at close mixed in), then
-quits. QEMU's own trace events go to its stderr, fakedev's call trace to a
-JSON-lines file.
+The QMP driver and the run harness are in tests/e2e/qemu.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cli.conftest import unprivileged_python
-from tests.e2e.conftest import FIXTURES, fakedev_run
+from tests.e2e import qemu as harness
+from tests.e2e.qemu import AsUser, Run, device
 
 DEBIAN_QEMU = shutil.which("qemu-system-x86_64")
 UPSTREAM_QEMU = os.environ.get("FAKEDEV_QEMU", "")
@@ -45,134 +39,9 @@ def qemu(request: pytest.FixtureRequest) -> str:
         pytest.skip("FAKEDEV_QEMU does not name an upstream QEMU (scripts/build-qemu builds one)")
     return UPSTREAM_QEMU
 
+
 NIC = (0x8086, 0x10C9)  # fixtures/dual-function-nic.toml
 F0, F1 = "0000:01:00.0", "0000:01:00.1"
-
-DRIVER = r"""
-import json, os, subprocess, sys
-
-cfg = json.loads(sys.argv[1])
-state_file = os.path.join(os.environ["FAKEDEV_MOUNT"], ".fakedev", "state.json")
-
-def state():
-    with open(state_file) as f:
-        return json.load(f)
-
-holder = None
-if cfg["holder"]:
-    holder = subprocess.Popen(cfg["holder"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    said = []
-    while not said or said[-1].strip() != "ready":
-        line = holder.stdout.readline()
-        assert line, f"holder exited: {said!r}"
-        said.append(line)
-
-args = [cfg["qemu"], "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
-        "-m", "128", "-qmp", "stdio",
-        "-trace", "vfio_pci_hot_reset*", "-trace", "vfio_pci_reset*"]
-for i, bdf in enumerate(cfg["bdfs"]):
-    args += ["-device", f"vfio-pci,host={bdf},id=hostdev{i}"]
-err = open(cfg["stderr"], "w")
-qemu = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                        text=True)
-
-def recv():
-    line = qemu.stdout.readline()
-    if not line:
-        raise EOFError("QEMU closed its QMP stream")
-    return json.loads(line)
-
-def execute(command, wait_event=None):
-    qemu.stdin.write(json.dumps({"execute": command}) + "\n")
-    qemu.stdin.flush()
-    result, seen = None, wait_event is None
-    while result is None or not seen:
-        msg = recv()
-        if "return" in msg or "error" in msg:
-            result = msg
-        elif msg.get("event") == wait_event:
-            seen = True
-    return result
-
-out = {}
-try:
-    recv()  # greeting
-    execute("qmp_capabilities")
-    out["pci"] = execute("query-pci")["return"]
-    out["before"] = state()
-    fd_dir = f"/proc/{qemu.pid}/fd"
-    out["qemu_fds"] = {}
-    for fd in os.listdir(fd_dir):
-        try:
-            out["qemu_fds"][fd] = os.readlink(f"{fd_dir}/{fd}")
-        except OSError:
-            pass
-    out["reset"] = execute("system_reset", wait_event="RESET")
-    out["after"] = state()
-    execute("quit")
-except EOFError as exc:
-    out["eof"] = str(exc)
-out["rc"] = qemu.wait(timeout=30)
-if holder is not None:
-    holder.stdin.close()
-    holder.wait(timeout=30)
-print(json.dumps(out))
-"""
-
-
-class Run:
-    """What one supervised QEMU run left behind."""
-
-    def __init__(
-        self,
-        out: dict[str, Any],
-        qemu_stderr: str,
-        trace: list[dict[str, Any]],
-        fakedev_stderr: str,
-    ) -> None:
-        self.out = out
-        self.qemu_stderr = qemu_stderr
-        self.trace = trace
-        self.fakedev_stderr = fakedev_stderr
-
-    def __repr__(self) -> str:  # shown by pytest when an assertion fails
-        return f"QEMU stderr:\n{self.qemu_stderr}\nfakedev stderr:\n{self.fakedev_stderr}"
-
-    def pci_devices(self) -> list[tuple[int, int, str]]:
-        return [
-            (d["id"]["vendor"], d["id"]["device"], d.get("qdev_id", ""))
-            for bus in self.out["pci"]
-            for d in bus["devices"]
-        ]
-
-    def hot_resets_during_system_reset(self) -> list[str]:
-        """BDFs the model reset by VFIO_DEVICE_PCI_HOT_RESET between the snapshots."""
-        before = len(self.out["before"]["reset_log"])
-        return [
-            r["bdf"]
-            for r in self.out["after"]["reset_log"][before:]
-            if r["cause"] == "VFIO_DEVICE_PCI_HOT_RESET"
-        ]
-
-    def calls(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in self.trace if r.get("op") == "ioctl" and r["name"] == name]
-
-    def qemu_fds_on(self, suffix: str) -> list[int]:
-        """QEMU's fds open on a file whose path ends with ``suffix``."""
-        return sorted(int(fd) for fd, link in self.out["qemu_fds"].items() if link.endswith(suffix))
-
-    def qemu_lines(self, prefix: str) -> list[str]:
-        return [line for line in self.qemu_stderr.splitlines() if line.startswith(prefix)]
-
-
-@dataclass
-class AsUser:
-    """Run ``fakedev run`` as ``name`` (rootless) with this interpreter and path."""
-
-    name: str
-    python: str
-    pythonpath: str
 
 
 def run_qemu(
@@ -183,63 +52,9 @@ def run_qemu(
     stat_mode: bool = False,
     user: AsUser | None = None,
 ) -> Run:
-    driver = tmp_path / "qmp_driver.py"
-    driver.write_text(DRIVER)
-    trace = tmp_path / "trace.jsonl"
-    stderr = tmp_path / "qemu.stderr"
-    cfg = {"qemu": qemu, "bdfs": bdfs, "holder": holder, "stderr": str(stderr)}
-    extra = ["--supervise", "--trace", str(trace), *(["--stat-mode"] if stat_mode else [])]
-    if user is None:
-        tmp_path.chmod(0o755)
-        r = fakedev_run(
-            "dual-function-nic",
-            [sys.executable, str(driver), json.dumps(cfg)],
-            extra=extra,
-            timeout=180,
-        )
-    else:
-        tmp_path.chmod(0o777)
-        driver.chmod(0o644)
-        tree = tmp_path / "tree.toml"
-        shutil.copy(FIXTURES / "dual-function-nic.toml", tree)
-        tree.chmod(0o644)
-        r = subprocess.run(
-            [
-                "runuser",
-                "-u",
-                user.name,
-                "--",
-                "env",
-                f"PYTHONPATH={user.pythonpath}",
-                user.python,
-                "-m",
-                "fakedev.cli.main",
-                "run",
-                "--tree",
-                str(tree),
-                *extra,
-                "--",
-                user.python,
-                str(driver),
-                json.dumps(cfg),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            cwd="/",
-        )
-    qemu_stderr = stderr.read_text() if stderr.exists() else ""
-    assert r.returncode == 0, r.stdout + r.stderr + qemu_stderr
-    out = json.loads(r.stdout.splitlines()[-1])
-    records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
-    run = Run(out, qemu_stderr, records, r.stderr)
-    assert "eof" not in out, run
-    assert out["rc"] == 0, run
-    return run
-
-
-def device(state: dict[str, Any], bdf: str) -> dict[str, Any]:
-    return next(d for d in state["devices"] if d["bdf"] == bdf)
+    """QEMU on dual-function-nic's functions, legacy path, under --supervise."""
+    return harness.run_qemu(tmp_path, "dual-function-nic", bdfs, "legacy", qemu=qemu, holder=holder,
+                            stat_mode=stat_mode, user=user)
 
 
 def group(state: dict[str, Any], gid: int) -> dict[str, Any]:
