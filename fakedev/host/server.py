@@ -533,17 +533,15 @@ class Server:
         offset, size = req.offset, req.size
 
         def fn(task: ProcessTask) -> bytes:
-            faults = self.faults
-            if faults.armed:
-                return self._read_faulted(req, f, task, offset, size)
             if not self.tracer.enabled:
-                return P.reply_data(req.unique, f.read(task, offset, size)[:size])
+                return P.reply_data(req.unique, self._model_read(f, task, offset, size))
             fh = req.fh
             fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0]  # may move us to a worker
             try:
-                data = f.read(task, offset, size)[:size]
+                data = self._model_read(f, task, offset, size)
             except KernelError as e:
-                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd)
+                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd,
+                               injected=isinstance(e, InjectedError))
                 raise
             self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
             return P.reply_data(req.unique, data)
@@ -570,17 +568,10 @@ class Server:
         offset, data = req.offset, req.data
 
         def fn(task: ProcessTask) -> bytes:
-            faults = self.faults
             fh = req.fh
             fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0] if self.tracer.enabled else None
             try:
-                if not faults.armed:
-                    n = f.write(task, offset, data)
-                else:
-                    try:
-                        n = faults.write(f, task, offset, data)
-                    finally:
-                        self._faults_done()
+                n = self._model_write(f, task, offset, data)
             except KernelError as e:
                 if self.tracer.enabled:
                     self.tracer.rw(task, f, "write", offset, len(data), None, e.errno, fh=fh, fd=fd,
@@ -665,22 +656,23 @@ class Server:
         return self._model(req, fn, worker)
 
     # -- fault injection and the control file ----------------------------------------
-    def _read_faulted(self, req: P.ReadRequest, f: File, task: ProcessTask, offset: int, size: int) -> bytes:
-        fh = req.fh
-        fd = self.tracer.caller_fd(task, fh, self._paths.get(fh))[0] if self.tracer.enabled else None
+    def _model_read(self, file: File, task: ProcessTask, offset: int, size: int) -> bytes:
+        """``file.read`` through the fault plan when armed (see ``model_ioctl``)."""
+        if not self.faults.armed:
+            return file.read(task, offset, size)[:size]
         try:
-            try:
-                data = self.faults.read(f, task, offset, size)[:size]
-            finally:
-                self._faults_done()
-        except KernelError as e:
-            if self.tracer.enabled:
-                self.tracer.rw(task, f, "read", offset, size, None, e.errno, fh=fh, fd=fd,
-                               injected=isinstance(e, InjectedError))
-            raise
-        if self.tracer.enabled:
-            self.tracer.rw(task, f, "read", offset, size, len(data), None, fh=fh, fd=fd)
-        return P.reply_data(req.unique, data)
+            return self.faults.read(file, task, offset, size)[:size]
+        finally:
+            self._faults_done()
+
+    def _model_write(self, file: File, task: ProcessTask, offset: int, data: bytes) -> int:
+        """``file.write`` through the fault plan when armed (see ``model_ioctl``)."""
+        if not self.faults.armed:
+            return file.write(task, offset, data)
+        try:
+            return self.faults.write(file, task, offset, data)
+        finally:
+            self._faults_done()
 
     def model_ioctl(self, file: File, task: Task, cmd: int, arg: int) -> int:
         """``file.ioctl`` as a served call makes it: through the fault plan when
