@@ -54,81 +54,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-/* ---- uAPI definitions (include/uapi/linux/vfio.h, iommufd.h, 6.6) ---- */
-#define VFIO_TYPE 0x3b
-#define VFIO_BASE 100
-#define IOMMUFD_CMD_BASE 0x80
-#define IO_NR(nr) ((unsigned long)((VFIO_TYPE << 8) | (nr)))
-
-#define VFIO_GET_API_VERSION IO_NR(VFIO_BASE + 0)
-#define VFIO_CHECK_EXTENSION IO_NR(VFIO_BASE + 1)
-#define VFIO_SET_IOMMU IO_NR(VFIO_BASE + 2)
-#define VFIO_GROUP_GET_STATUS IO_NR(VFIO_BASE + 3)
-#define VFIO_GROUP_SET_CONTAINER IO_NR(VFIO_BASE + 4)
-#define VFIO_GROUP_GET_DEVICE_FD IO_NR(VFIO_BASE + 6)
-#define VFIO_DEVICE_GET_PCI_HOT_RESET_INFO IO_NR(VFIO_BASE + 12)
-#define VFIO_DEVICE_PCI_HOT_RESET IO_NR(VFIO_BASE + 13)
-#define VFIO_DEVICE_BIND_IOMMUFD IO_NR(VFIO_BASE + 18)
-#define VFIO_DEVICE_ATTACH_IOMMUFD_PT IO_NR(VFIO_BASE + 19)
-#define IOMMU_IOAS_ALLOC IO_NR(IOMMUFD_CMD_BASE + 1)
-
-#define VFIO_API_VERSION 0
-#define VFIO_TYPE1v2_IOMMU 3
-#define VFIO_GROUP_FLAGS_VIABLE (1u << 0)
-#define VFIO_PCI_DEVID_OWNED 0u
-#define VFIO_PCI_DEVID_NOT_OWNED 0xffffffffu
-
-struct vfio_group_status {
-	uint32_t argsz;
-	uint32_t flags;
-};
-
-struct vfio_device_bind_iommufd {
-	uint32_t argsz;
-	uint32_t flags;
-	int32_t iommufd;
-	uint32_t out_devid;
-};
-
-struct vfio_device_attach_iommufd_pt {
-	uint32_t argsz;
-	uint32_t flags;
-	uint32_t pt_id;
-};
-
-struct iommu_ioas_alloc {
-	uint32_t size;
-	uint32_t flags;
-	uint32_t out_ioas_id;
-};
-
-struct vfio_pci_dependent_device {
-	uint32_t id; /* group_id or devid */
-	uint16_t segment;
-	uint8_t bus;
-	uint8_t devfn;
-};
-
-struct vfio_pci_hot_reset_info {
-	uint32_t argsz;
-	uint32_t flags;
-	uint32_t count;
-	/* struct vfio_pci_dependent_device devices[]; */
-};
-
-struct vfio_pci_hot_reset {
-	uint32_t argsz;
-	uint32_t flags;
-	uint32_t count;
-	/* int32_t group_fds[]; */
-};
-
-_Static_assert(sizeof(struct vfio_device_bind_iommufd) == 16, "bind size");
-_Static_assert(sizeof(struct vfio_device_attach_iommufd_pt) == 12, "attach size");
-_Static_assert(sizeof(struct iommu_ioas_alloc) == 12, "ioas size");
-_Static_assert(sizeof(struct vfio_pci_dependent_device) == 8, "dep size");
-_Static_assert(sizeof(struct vfio_pci_hot_reset_info) == 12, "info size");
-_Static_assert(sizeof(struct vfio_pci_hot_reset) == 12, "reset size");
+#include "vfio-uapi.h"
 
 /* ---- errno names ---- */
 static const struct {
@@ -215,40 +141,6 @@ static const char *bdf_of(uint16_t seg, uint8_t bus, uint8_t devfn)
 	snprintf(buf, sizeof(buf), "%04x:%02x:%02x.%x", seg, bus, devfn >> 3,
 		 devfn & 7);
 	return buf;
-}
-
-/* Find N such that /sys/bus/pci/devices/<BDF>/vfio-dev/vfioN exists. */
-static int find_vfio_index(const char *bdf, unsigned *index)
-{
-	char path[PATH_MAX];
-	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/vfio-dev", bdf);
-	DIR *d = opendir(path);
-	if (!d)
-		return -1;
-	struct dirent *e;
-	int found = -1;
-	while ((e = readdir(d))) {
-		if (sscanf(e->d_name, "vfio%u", index) == 1) {
-			found = 0;
-			break;
-		}
-	}
-	closedir(d);
-	if (found)
-		errno = ENOENT;
-	return found;
-}
-
-static int find_group(const char *bdf)
-{
-	char path[PATH_MAX], target[PATH_MAX];
-	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", bdf);
-	ssize_t n = readlink(path, target, sizeof(target) - 1);
-	if (n < 0)
-		return -1;
-	target[n] = 0;
-	const char *base = strrchr(target, '/');
-	return atoi(base ? base + 1 : target);
 }
 
 static int ioas_alloc(int iommufd)

@@ -35,14 +35,8 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-/* VFIO_DEVICE_BIND_IOMMUFD (6.6) may be missing from older headers */
-struct bind_iommufd {
-	uint32_t argsz;
-	uint32_t flags;
-	int32_t iommufd;
-	uint32_t out_devid;
-};
-#define BIND_IOMMUFD _IO(VFIO_TYPE, VFIO_BASE + 18)
+/* VFIO_DEVICE_BIND_IOMMUFD (6.6) is missing from older <linux/vfio.h> */
+#include "vfio-uapi.h"
 
 static const char *ename(int e)
 {
@@ -62,23 +56,7 @@ static const char *ename(int e)
 
 static void result(const char *tag, long rc)
 {
-	if (rc < 0)
-		printf("%s: -1 %s\n", tag, ename(errno));
-	else
-		printf("%s: %ld\n", tag, rc);
-	fflush(stdout);
-}
-
-static int group_of(const char *bdf)
-{
-	char path[PATH_MAX], target[PATH_MAX];
-	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", bdf);
-	ssize_t n = readlink(path, target, sizeof(target) - 1);
-	if (n < 0)
-		return -1;
-	target[n] = 0;
-	const char *base = strrchr(target, '/');
-	return atoi(base ? base + 1 : target);
+	print_result(tag, rc, ename);
 }
 
 static void print_file(const char *tag, const char *path)
@@ -118,8 +96,8 @@ static void cdev_step(const char *bdf)
 		printf("cdev: %s open -1 %s\n", name, ename(errno));
 		return;
 	}
-	struct bind_iommufd b = { .argsz = sizeof(b), .iommufd = -1 };
-	int rc = ioctl(fd, BIND_IOMMUFD, &b);
+	struct vfio_device_bind_iommufd b = { .argsz = sizeof(b), .iommufd = -1 };
+	int rc = ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD, &b);
 	printf("cdev: %s bind(-1) %d%s%s\n", name, rc, rc < 0 ? " " : "", rc < 0 ? ename(errno) : "");
 	close(fd);
 }
@@ -143,7 +121,7 @@ int main(int argc, char **argv)
 	printf("ext: noiommu=%d type1v2=%d\n", ioctl(container, VFIO_CHECK_EXTENSION, VFIO_NOIOMMU_IOMMU),
 	       ioctl(container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU));
 
-	int gid = group_of(bdf);
+	int gid = find_group(bdf);
 	char gpath[PATH_MAX], npath[PATH_MAX];
 	snprintf(npath, sizeof(npath), "/sys/kernel/iommu_groups/%d/name", gid);
 	char gname[128] = "";

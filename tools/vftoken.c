@@ -32,45 +32,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-/* Our own copy of the uAPI this needs (include/uapi/linux/vfio.h). */
-#define XVFIO_TYPE (';')
-#define XVFIO_BASE 100
-#define XVFIO_SET_IOMMU _IO(XVFIO_TYPE, XVFIO_BASE + 2)
-#define XVFIO_GROUP_SET_CONTAINER _IO(XVFIO_TYPE, XVFIO_BASE + 4)
-#define XVFIO_GROUP_GET_DEVICE_FD _IO(XVFIO_TYPE, XVFIO_BASE + 6)
-#define XVFIO_DEVICE_GET_INFO _IO(XVFIO_TYPE, XVFIO_BASE + 7)
-#define XVFIO_DEVICE_FEATURE _IO(XVFIO_TYPE, XVFIO_BASE + 17)
-#define XVFIO_DEVICE_BIND_IOMMUFD _IO(XVFIO_TYPE, XVFIO_BASE + 18)
-#define XVFIO_TYPE1v2_IOMMU 3
-#define XVFIO_DEVICE_FEATURE_GET (1u << 16)
-#define XVFIO_DEVICE_FEATURE_SET (1u << 17)
-#define XVFIO_DEVICE_FEATURE_PROBE (1u << 18)
-#define XVFIO_DEVICE_FEATURE_PCI_VF_TOKEN 0u
-#define XVFIO_DEVICE_BIND_FLAG_TOKEN (1u << 0)
-
-struct xvfio_device_info {
-	uint32_t argsz;
-	uint32_t flags;
-	uint32_t num_regions;
-	uint32_t num_irqs;
-	uint32_t cap_offset;
-	uint32_t pad;
-};
-
-struct xvfio_device_feature_token {
-	uint32_t argsz;
-	uint32_t flags;
-	uint8_t uuid[16];
-};
-
-/* 6.16+ layout; 6.6-6.15 kernels read the first 16 bytes (flags must be 0) */
-struct xvfio_device_bind_iommufd {
-	uint32_t argsz;
-	uint32_t flags;
-	int32_t iommufd;
-	uint32_t out_devid;
-	uint64_t token_uuid_ptr;
-};
+#include "vfio-uapi.h"
 
 static const char *ename(int e)
 {
@@ -89,11 +51,7 @@ static const char *ename(int e)
 
 static void result(const char *tag, long rc)
 {
-	if (rc < 0)
-		printf("%s: -1 %s\n", tag, ename(errno));
-	else
-		printf("%s: %ld\n", tag, rc);
-	fflush(stdout);
+	print_result(tag, rc, ename);
 }
 
 static int parse_uuid(const char *s, uint8_t out[16])
@@ -116,18 +74,6 @@ static int parse_uuid(const char *s, uint8_t out[16])
 		i++;
 	}
 	return n == 16 ? 0 : -1;
-}
-
-static int group_of(const char *bdf)
-{
-	char path[PATH_MAX], target[PATH_MAX];
-	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", bdf);
-	ssize_t n = readlink(path, target, sizeof(target) - 1);
-	if (n < 0)
-		return -1;
-	target[n] = 0;
-	const char *base = strrchr(target, '/');
-	return atoi(base ? base + 1 : target);
 }
 
 static int vfio_index(const char *bdf)
@@ -187,20 +133,20 @@ static int bind_cdev(const char *bdf, const uint8_t *token, const char *tag)
 		printf("%s: open %s failed: %s\n", tag, path, strerror(errno));
 		return -1;
 	}
-	struct xvfio_device_bind_iommufd bind = {
+	struct vfio_device_bind_iommufd_token bind = {
 		.argsz = sizeof(bind),
-		.flags = token ? XVFIO_DEVICE_BIND_FLAG_TOKEN : 0,
+		.flags = token ? VFIO_DEVICE_BIND_FLAG_TOKEN : 0,
 		.iommufd = iommufd,
 		.token_uuid_ptr = (uint64_t)(uintptr_t)token,
 	};
-	int rc = ioctl(dev, XVFIO_DEVICE_BIND_IOMMUFD, &bind);
+	int rc = ioctl(dev, VFIO_DEVICE_BIND_IOMMUFD, &bind);
 	result(tag, rc);
 	return rc < 0 ? -1 : dev;
 }
 
 static int get_device_fd(int group, const char *name, const char *tag)
 {
-	int fd = ioctl(group, XVFIO_GROUP_GET_DEVICE_FD, name);
+	int fd = ioctl(group, VFIO_GROUP_GET_DEVICE_FD, name);
 	if (fd < 0)
 		result(tag, fd);
 	else {
@@ -226,20 +172,20 @@ int main(int argc, char **argv)
 	int pfd = bind_cdev(pf, NULL, "pf_bind");
 	if (pfd < 0)
 		return 1;
-	struct xvfio_device_feature_token feat = {
+	struct vfio_device_feature_token feat = {
 		.argsz = sizeof(feat),
-		.flags = XVFIO_DEVICE_FEATURE_PCI_VF_TOKEN | XVFIO_DEVICE_FEATURE_PROBE |
-			 XVFIO_DEVICE_FEATURE_SET,
+		.flags = VFIO_DEVICE_FEATURE_PCI_VF_TOKEN | VFIO_DEVICE_FEATURE_PROBE |
+			 VFIO_DEVICE_FEATURE_SET,
 	};
-	result("probe", ioctl(pfd, XVFIO_DEVICE_FEATURE, &feat));
-	feat.flags = XVFIO_DEVICE_FEATURE_PCI_VF_TOKEN | XVFIO_DEVICE_FEATURE_SET;
+	result("probe", ioctl(pfd, VFIO_DEVICE_FEATURE, &feat));
+	feat.flags = VFIO_DEVICE_FEATURE_PCI_VF_TOKEN | VFIO_DEVICE_FEATURE_SET;
 	memcpy(feat.uuid, token, sizeof(token));
-	result("set_token", ioctl(pfd, XVFIO_DEVICE_FEATURE, &feat));
+	result("set_token", ioctl(pfd, VFIO_DEVICE_FEATURE, &feat));
 
 	print_file("param", "/sys/module/vfio_pci/parameters/enable_sriov");
 	print_link("physfn", vf, "physfn");
 
-	int gid = group_of(vf);
+	int gid = find_group(vf);
 	char path[PATH_MAX];
 	snprintf(path, sizeof(path), "/dev/vfio/%d", gid);
 	int container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
@@ -248,8 +194,8 @@ int main(int argc, char **argv)
 		printf("group: open %s failed: %s\n", path, strerror(errno));
 		return 1;
 	}
-	result("set_container", ioctl(group, XVFIO_GROUP_SET_CONTAINER, &container));
-	result("set_iommu", ioctl(container, XVFIO_SET_IOMMU, XVFIO_TYPE1v2_IOMMU));
+	result("set_container", ioctl(group, VFIO_GROUP_SET_CONTAINER, &container));
+	result("set_iommu", ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU));
 
 	char name[128];
 	int ok = 1;
@@ -263,15 +209,15 @@ int main(int argc, char **argv)
 	int vfd = get_device_fd(group, name, "vf_open");
 	ok &= vfd >= 0;
 	if (vfd >= 0) {
-		struct xvfio_device_info info = {.argsz = sizeof(info)};
-		if (ioctl(vfd, XVFIO_DEVICE_GET_INFO, &info) < 0)
+		struct vfio_device_info info = {.argsz = sizeof(info)};
+		if (ioctl(vfd, VFIO_DEVICE_GET_INFO, &info) < 0)
 			result("vf_info", -1);
 		else
 			printf("vf_info: flags=0x%x regions=%u irqs=%u\n", info.flags, info.num_regions,
 			       info.num_irqs);
-		feat.flags = XVFIO_DEVICE_FEATURE_PCI_VF_TOKEN | XVFIO_DEVICE_FEATURE_PROBE |
-			     XVFIO_DEVICE_FEATURE_SET;
-		result("vf_feature", ioctl(vfd, XVFIO_DEVICE_FEATURE, &feat));
+		feat.flags = VFIO_DEVICE_FEATURE_PCI_VF_TOKEN | VFIO_DEVICE_FEATURE_PROBE |
+			     VFIO_DEVICE_FEATURE_SET;
+		result("vf_feature", ioctl(vfd, VFIO_DEVICE_FEATURE, &feat));
 	}
 	(void)bind_cdev(pf, NULL, "pf_bind2");
 	return ok ? 0 : 1;
